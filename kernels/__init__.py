@@ -1,0 +1,1 @@
+"""Triton kernels of nativevit, installed as ``nativevit.kernels`` (one op per file, each with its reference)."""

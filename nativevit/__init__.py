@@ -1,0 +1,26 @@
+"""nativevit: a native-resolution ViT encoder over packed varlen batches.
+
+    proc = nv.ImageProcessor()
+    batch = proc(images)                                   # nv.PackedBatch
+    model = nv.NativeViT(nv.VisionConfig.qwen2_vl())       # or nv.NativeViT.from_pretrained(dir)
+    tokens = model(batch.pixel_values, batch.grid_thw)     # (N/4, out_hidden_size)
+"""
+
+from . import ops
+from .config import VisionConfig
+from .model import NativeViT
+from .packing import PackedBatch, Segments, cu_seqlens_from_grid
+from .preprocess import ImageProcessor, smart_resize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ImageProcessor",
+    "NativeViT",
+    "PackedBatch",
+    "Segments",
+    "VisionConfig",
+    "cu_seqlens_from_grid",
+    "ops",
+    "smart_resize",
+]

@@ -1,0 +1,65 @@
+"""2D rotary position embedding of the Qwen2-VL vision tower.
+
+Each patch has a (row, col) position in its image's grid. Of the ``head_dim/2`` rotation pairs
+``(i, i + head_dim/2)`` the first half turn with the row and the second half with the column, each
+with ``head_dim/4`` frequencies ``theta^(-4j/head_dim)``. The tables are built once per forward from
+``grid_thw`` and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """``(head_dim//4,)`` float32 inverse frequencies, computed as transformers does (in float32)."""
+    spatial_dim = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float32) / spatial_dim))
+
+
+def rope_position_ids(grid_thw: list[tuple[int, int, int]], merge_size: int = 2) -> torch.Tensor:
+    """``(N, 2)`` int64 (row, col) of every patch, in the 2x2 merge-block row order of the processor."""
+    ids = []
+    for t, h, w in grid_thw:
+        rows = torch.arange(h).view(h // merge_size, merge_size, 1, 1).expand(-1, -1, w // merge_size, merge_size)
+        cols = torch.arange(w).view(1, 1, w // merge_size, merge_size).expand(h // merge_size, merge_size, -1, -1)
+        # (h/m, m_h, w/m, m_w) -> block-major (h/m, w/m, m_h, m_w)
+        pos = torch.stack([rows.transpose(1, 2).reshape(-1), cols.transpose(1, 2).reshape(-1)], dim=-1)
+        ids.append(pos.repeat(t, 1))
+    return torch.cat(ids)
+
+
+def rope_cos_sin(
+    grid_thw: list[tuple[int, int, int]],
+    head_dim: int,
+    *,
+    theta: float = 10000.0,
+    merge_size: int = 2,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``(N, head_dim//2)`` float32: ``[row angles | col angles]`` per patch."""
+    inv_freq = rope_inv_freq(head_dim, theta)
+    longest = max(max(h, w) for _, h, w in grid_thw)
+    angles = torch.arange(longest, dtype=torch.float32)[:, None] * inv_freq  # (longest, head_dim/4)
+    pos = rope_position_ids(grid_thw, merge_size)
+    freqs = angles[pos].flatten(1)  # (N, 2, head_dim/4) -> (N, head_dim/2)
+    return freqs.cos().to(device), freqs.sin().to(device)
+
+
+def rope_2d_ref(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference rotation in plain torch, fp32 math, rotate-half pairing ``(i, i + d/2)``.
+
+    ``q``, ``k``: ``(total, heads, head_dim)``; ``cos``, ``sin``: ``(total, head_dim//2)``.
+    ``out[..., :d/2] = x1*cos - x2*sin``; ``out[..., d/2:] = x2*cos + x1*sin``; cast back to the
+    input dtype. fp32 math even for fp64 inputs, exactly as transformers does, so fp64 parity holds.
+    """
+    c = cos[:, None, :].float()
+    s = sin[:, None, :].float()
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
