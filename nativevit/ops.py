@@ -246,3 +246,48 @@ def apply_rope_2d(
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
     return resolve_backend("rope", backend, q).fn(q, k, cos, sin)
+
+
+# ------------------------------------------------------------------------- optional backends
+
+
+def _flash_attn_unavailable(device_type: str) -> str | None:
+    if device_type != "cuda":
+        return "flash_attn runs on CUDA GPUs only"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "the flash_attn package is not installed"
+    return None
+
+
+def _flash_attn_rejects(x: torch.Tensor) -> str | None:
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash_attn takes fp16/bf16 only, got {x.dtype}"
+    return None
+
+
+def _flash_attn(q, k, v, segments: Segments, scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu = segments.cu_seqlens
+    return flash_attn_varlen_func(q, k, v, cu, cu, segments.max_seqlen, segments.max_seqlen, softmax_scale=scale)
+
+
+register_backend("attention", Backend("flash_attn", _flash_attn, _flash_attn_unavailable, _flash_attn_rejects))
+
+
+def _load_builtin_backends() -> None:
+    """Import the modules that register the kernel backends. Each registers its backends even when
+    it cannot run here (their ``unavailable`` says why), so an explicit request explains itself."""
+    import importlib
+
+    for module in ("nativevit.kernels", "nativevit.csrc"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+_load_builtin_backends()
