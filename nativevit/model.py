@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import VisionConfig
-from .packing import Segments, check_grid_thw
+from .packing import Segments, check_grid_thw, pad_segments, unpad_segments
 from .rope import rope_cos_sin
 
 
@@ -222,9 +222,14 @@ class NativeViT(nn.Module):
             merge_size=self.config.spatial_merge_size,
             device=x.device,
         )
+        if self.attn_backend == "padded":
+            # The padded baseline: every layer runs on a (segments x max_seqlen) batch, as a padded ViT
+            # does, so the linear layers pay for the padding too; attention masks the padded keys.
+            segments = segments.as_padded()
+            x, cos, sin = (pad_segments(t, segments) for t in (x, cos, sin))
         for blk in self.blocks:
             x = blk(x, segments, cos, sin)
-        return x
+        return unpad_segments(x, segments) if segments.padded else x
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """``(N, C*T*P*P)`` patch rows -> ``(N/4, out_hidden_size)`` merged tokens (HF ``pooler_output``)."""
@@ -232,16 +237,10 @@ class NativeViT(nn.Module):
 
     # ------------------------------------------------------------------ accounting
 
-    def flops_per_batch(self, grid_thw: torch.Tensor | list) -> dict[str, int]:
-        """Forward FLOPs of a packed batch (2 per multiply-add), by term.
-
-        ``linear`` counts patch embedding, qkv, proj, MLP and merger GEMMs (proportional to tokens);
-        ``attention`` counts QK^T and PV (``4 * L^2 * embed_dim`` per segment of length L).
-        """
+    def flops_per_batch(self, grid_thw: torch.Tensor | list, *, padded: bool = False) -> dict[str, int]:
+        """Forward FLOPs of a batch, by term (see :func:`flops`); ``padded`` for the padded baseline."""
         grid = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
-        cfg = self.config
-        lengths = [h * w for t, h, w in grid for _ in range(t)]
-        return flops(cfg, lengths)
+        return flops(self.config, [h * w for t, h, w in grid for _ in range(t)], padded=padded)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -269,15 +268,23 @@ class NativeViT(nn.Module):
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
 
-def flops(cfg: VisionConfig, lengths: list[int]) -> dict[str, int]:
-    """Forward FLOPs for segments of the given lengths (see ``NativeViT.flops_per_batch``)."""
-    n = sum(lengths)
-    d, hid = cfg.embed_dim, cfg.mlp_hidden_dim
-    per_token_block = 2 * (3 * d * d + d * d + 2 * d * hid)
-    merged = n // cfg.merge_unit
-    merger = 2 * merged * (cfg.merge_unit * d * cfg.merge_unit * d + cfg.merge_unit * d * cfg.out_hidden_size)
-    linear = 2 * n * cfg.patch_dim * d + cfg.depth * n * per_token_block + merger
-    attention = cfg.depth * sum(4 * length * length * d for length in lengths)
+def flops(cfg: VisionConfig, lengths: list[int], *, padded: bool = False) -> dict[str, int]:
+    """Forward FLOPs (2 per multiply-add) of segments of the given lengths, by term.
+
+    ``linear``: patch embedding, qkv, proj, MLP and merger GEMMs, proportional to the rows they see.
+    ``attention``: QK^T and PV, ``4 * L^2 * embed_dim`` per segment of length L and layer.
+    ``padded=True`` gives the padded baseline's cost: the blocks see every segment padded to the
+    longest (patch embedding and merger still run on the real tokens).
+    """
+    tokens = sum(lengths)
+    if padded:
+        lengths = [max(lengths)] * sum(1 for n in lengths if n > 0)
+    rows = sum(lengths)
+    d, hid, unit = cfg.embed_dim, cfg.mlp_hidden_dim, cfg.merge_unit
+    per_row_block = 2 * (3 * d * d + d * d + 2 * d * hid)
+    merger = 2 * (tokens // unit) * (unit * d * unit * d + unit * d * cfg.out_hidden_size)
+    linear = 2 * tokens * cfg.patch_dim * d + cfg.depth * rows * per_row_block + merger
+    attention = cfg.depth * sum(4 * n * n * d for n in lengths)
     return {"linear": linear, "attention": attention, "total": linear + attention}
 
 

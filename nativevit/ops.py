@@ -65,13 +65,20 @@ def varlen_attention_ref(
 def padded_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
 ) -> torch.Tensor:
-    """The ``padded`` baseline: pad every segment to ``max_seqlen``, one batched SDPA with a
-    key-padding mask, unpad. What a padded ViT batch (e.g. timm NaFlexViT) costs."""
-    qp, mask = pad_segments(q, segments)
-    kp, _ = pad_segments(k, segments)
-    vp, _ = pad_segments(v, segments)
+    """The ``padded`` baseline: every segment padded to ``max_seqlen``, one batched SDPA with a
+    key-padding mask. What a padded ViT batch (e.g. timm NaFlexViT) costs.
+
+    Packed inputs are padded here and unpadded after; inputs already in the padded layout
+    (``segments.padded``, as the padded baseline encoder keeps them in every layer) are used as they are.
+    """
+    _, mask, n_seg = segments.padded_layout()
+    shape = (n_seg, segments.max_seqlen, *q.shape[1:])
+    if segments.padded:
+        out = _sdpa(q.view(shape), k.view(shape), v.view(shape), scale, mask=mask[:, None, None, :])
+        return out.reshape(-1, *q.shape[1:])
+    qp, kp, vp = (pad_segments(x, segments).view(shape) for x in (q, k, v))
     out = _sdpa(qp, kp, vp, scale, mask=mask[:, None, None, :])
-    return unpad_segments(out, segments)
+    return unpad_segments(out.reshape(-1, *q.shape[1:]), segments)
 
 
 # ------------------------------------------------------------------------- backend registry
@@ -211,8 +218,10 @@ def varlen_attention(
     _check_qkv(q, k, v)
     if isinstance(cu_seqlens, Segments):
         segments = cu_seqlens
-        if segments.total != q.shape[0]:
-            raise ValueError(f"segments cover {segments.total} tokens but q has {q.shape[0]}")
+        if segments.num_rows != q.shape[0]:
+            raise ValueError(f"segments describe {segments.num_rows} rows but q has {q.shape[0]}")
+        if segments.padded and backend != "padded":
+            raise ValueError(f"padded-layout segments need backend='padded', got {backend!r}")
     else:
         segments = Segments.from_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     if segments.cu_seqlens.device != q.device:

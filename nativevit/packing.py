@@ -80,6 +80,7 @@ class Segments:
     cu_seqlens: torch.Tensor
     lengths: tuple[int, ...]
     max_seqlen: int
+    padded: bool = False
     _pad_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -101,6 +102,19 @@ class Segments:
             offsets.append(offsets[-1] + n)
         cu = torch.tensor(offsets, dtype=torch.int32, device=device)
         return cls(cu, lengths, max(lengths))
+
+    def as_padded(self) -> Segments:
+        """The same segments, laid out as a padded batch: ``(S', max_seqlen)`` rows, row-major, where S'
+        counts the non-empty segments. Only the ``padded`` attention backend takes this layout; the
+        padded baseline encoder runs every layer on it (see ``NativeViT.forward_features``)."""
+        return Segments(self.cu_seqlens, self.lengths, self.max_seqlen, True, self._pad_cache)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the tensors this layout describes: the token count, or ``S' * max_seqlen`` if padded."""
+        if self.padded:
+            return sum(1 for n in self.lengths if n > 0) * self.max_seqlen
+        return self.total
 
     @property
     def num_segments(self) -> int:
@@ -129,17 +143,16 @@ class Segments:
         return self._pad_cache[device]
 
 
-def pad_segments(x: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N, ...)`` packed rows -> ``(S', max_seqlen, ...)`` zero-padded batch and its key mask."""
-    flat, mask, n_seg = segments.padded_layout()
-    out = x.new_zeros((n_seg * segments.max_seqlen, *x.shape[1:])).index_copy(0, flat, x)
-    return out.view(n_seg, segments.max_seqlen, *x.shape[1:]), mask
+def pad_segments(x: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """``(N, ...)`` packed rows -> ``(S' * max_seqlen, ...)`` zero-padded rows (segment-major)."""
+    flat, _, n_seg = segments.padded_layout()
+    return x.new_zeros((n_seg * segments.max_seqlen, *x.shape[1:])).index_copy(0, flat, x)
 
 
 def unpad_segments(x: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Inverse of :func:`pad_segments`: ``(S', L, ...)`` -> ``(N, ...)``."""
+    """Inverse of :func:`pad_segments`: ``(S' * max_seqlen, ...)`` -> ``(N, ...)``."""
     flat, _, _ = segments.padded_layout()
-    return x.reshape(-1, *x.shape[2:]).index_select(0, flat)
+    return x.index_select(0, flat)
 
 
 @dataclass
