@@ -1,14 +1,25 @@
 """Vision tower configuration and presets.
 
-Field names follow the Qwen2-VL release (``Qwen2VLVisionConfig``) with one deliberate exception:
-the merger output width is ``out_hidden_size`` here. In the Qwen2-VL release that value is called
-``hidden_size`` (it is the language model's width, not the ViT width); ``from_hf_dict`` and
-``to_hf_dict`` translate.
+One dataclass describes the three Qwen vision-tower families (``model_type``):
+
+* ``qwen2_vl``: LayerNorm, QuickGELU MLP (``fc1``/``fc2``), full attention in every block.
+* ``qwen2_5_vl``: RMSNorm, SwiGLU MLP with biases, window attention (``window_size`` pixels) except
+  in ``fullatt_block_indexes``.
+* ``qwen3_vl``: LayerNorm, tanh-GELU MLP (``linear_fc1``/``linear_fc2``), patch-embedding bias, a
+  learned ``num_position_embeddings`` position table resampled per image, DeepStack mergers after
+  the blocks in ``deepstack_visual_indexes``.
+
+Field names follow the releases with one deliberate exception: the ViT width is ``embed_dim`` and
+the merger output width (the language model's width) is ``out_hidden_size`` here, in every family.
+The releases call the ViT width ``embed_dim`` (Qwen2-VL) or ``hidden_size`` (Qwen2.5-VL, Qwen3-VL),
+and the merger width ``hidden_size`` (Qwen2-VL) or ``out_hidden_size`` (2.5, 3); ``from_hf_dict``
+and ``to_hf_dict`` translate.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +40,38 @@ _IGNORED_HF_FIELDS = {
 
 _HF_ALIASES = {"num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
 
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+# What a released ``vision_config`` leaves out takes the transformers class default of its family
+# (``Qwen2VLVisionConfig``, ``Qwen2_5_VLVisionConfig``, ``Qwen3VLVisionConfig`` in 5.23), as
+# transformers itself would build it; ViT width under this module's name ``embed_dim``.
+_HF_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2_vl": {},
+    "qwen2_5_vl": dict(
+        embed_dim=3584, depth=32, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+        hidden_act="silu", window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
+    ),
+    "qwen3_vl": dict(
+        embed_dim=1152, depth=27, num_heads=16, intermediate_size=4304, out_hidden_size=3584,
+        hidden_act="gelu_pytorch_tanh", patch_size=16, num_position_embeddings=2304,
+        deepstack_visual_indexes=(8, 16, 24),
+    ),
+}
+
 
 @dataclass
 class VisionConfig:
-    """Hyper-parameters of a Qwen2-VL-style vision tower.
+    """Hyper-parameters of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower.
 
     Defaults are the released Qwen2-VL-7B tower: width 1280, 32 blocks, 16 heads of dim 80,
-    QuickGELU MLP of width 5120, 14x14 patches over 2 frames, 2x2 patch merger to 3584.
+    QuickGELU MLP of width 5120, 14x14 patches over 2 frames, 2x2 patch merger to 3584. The family
+    presets (``qwen2_5_vl()``, ``qwen3_vl()``) set the other families' fields.
+
+    ``norm_type`` ("layernorm" | "rmsnorm"), ``mlp_type`` ("mlp" | "swiglu") and ``patch_bias``
+    default (``None``) to what ``model_type`` uses. ``intermediate_size``, when set, is the MLP width
+    (the 2.5 and 3 releases give it; Qwen2-VL gives ``mlp_ratio``). ``window_size`` is in pixels
+    (0: no window attention); ``fullatt_block_indexes`` lists the blocks that attend over whole frames
+    when windows are on. ``num_position_embeddings`` (0: none) is a square learned position table.
     """
 
     embed_dim: int = 1280
@@ -50,8 +86,37 @@ class VisionConfig:
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    model_type: str = "qwen2_vl"
+    norm_type: str | None = None
+    mlp_type: str | None = None
+    patch_bias: bool | None = None
+    intermediate_size: int | None = None
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"VisionConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.norm_type is None:
+            self.norm_type = "rmsnorm" if self.model_type == "qwen2_5_vl" else "layernorm"
+        if self.mlp_type is None:
+            self.mlp_type = "swiglu" if self.model_type == "qwen2_5_vl" else "mlp"
+        if self.patch_bias is None:
+            self.patch_bias = self.model_type == "qwen3_vl"
+        if self.norm_type not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"VisionConfig.norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
+        if self.mlp_type not in ("mlp", "swiglu"):
+            raise ValueError(f"VisionConfig.mlp_type must be 'mlp' or 'swiglu', got {self.mlp_type!r}")
+        for name in ("intermediate_size",):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"VisionConfig.{name} must be a positive int or None, got {value!r}")
+        for name in ("window_size", "num_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"VisionConfig.{name} must be an int >= 0, got {value!r}")
         for name in ("embed_dim", "depth", "num_heads", "out_hidden_size", "in_channels", "patch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -71,6 +136,28 @@ class VisionConfig:
             )
         if self.hidden_act not in ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu"):
             raise ValueError(f"VisionConfig.hidden_act {self.hidden_act!r} is not supported")
+        if self.window_size and self.window_tokens < 1:
+            raise ValueError(
+                f"VisionConfig.window_size={self.window_size} px is smaller than one merged token "
+                f"(patch_size * spatial_merge_size = {self.patch_size * self.spatial_merge_size} px)"
+            )
+        side = math.isqrt(self.num_position_embeddings)
+        if side * side != self.num_position_embeddings:
+            raise ValueError(
+                f"VisionConfig.num_position_embeddings={self.num_position_embeddings} must be a perfect "
+                "square (the learned position table is a square grid)"
+            )
+        for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"VisionConfig.{name} must be a list or tuple of block indexes, got {value!r}")
+            value = tuple(value)
+            bad = [i for i in value if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(f"VisionConfig.{name} has entries outside blocks 0..{self.depth - 1}: {bad}")
+            if len(set(value)) != len(value):
+                raise ValueError(f"VisionConfig.{name} repeats a block: {list(value)}")
+            setattr(self, name, value)
 
     @property
     def head_dim(self) -> int:
@@ -78,7 +165,20 @@ class VisionConfig:
 
     @property
     def mlp_hidden_dim(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def window_tokens(self) -> int:
+        """Window side in merged tokens (``window_size // merge // patch``: 4 for Qwen2.5-VL); 0 if none."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def windowed_blocks(self) -> tuple[bool, ...]:
+        """Per block: does it attend within windows (True) or over whole frames (False)?"""
+        full = set(self.fullatt_block_indexes)
+        return tuple(bool(self.window_size) and i not in full for i in range(self.depth))
 
     @property
     def patch_dim(self) -> int:
@@ -109,6 +209,61 @@ class VisionConfig:
         return cls(**base)
 
     @classmethod
+    def qwen2_5_vl(cls, **overrides: Any) -> VisionConfig:
+        """The Qwen2.5-VL tower (7B release; 3B differs only in ``out_hidden_size=2048``, 72B in 8192):
+        width 1280, 32 blocks, 16 heads of dim 80, SwiGLU 3420, RMSNorm, 112-px windows (8x8 patches)
+        with full attention in blocks 7, 15, 23, 31."""
+        base = dict(
+            model_type="qwen2_5_vl", embed_dim=1280, depth=32, num_heads=16, intermediate_size=3420,
+            out_hidden_size=3584, hidden_act="silu", window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def qwen2_5_vl_shallow(cls, depth: int = 4, **overrides: Any) -> VisionConfig:
+        """Qwen2.5-VL widths with fewer blocks (quick CPU benchmarks); the last block attends fully, the
+        others within windows, close to the release's 1-in-8 ratio."""
+        overrides.setdefault("fullatt_block_indexes", (depth - 1,))
+        return cls.qwen2_5_vl(depth=depth, **overrides)
+
+    @classmethod
+    def qwen2_5_vl_tiny(cls, **overrides: Any) -> VisionConfig:
+        """A 4-block, width-64 Qwen2.5-VL tower for tests: windowed blocks 0, 2; full 1, 3."""
+        base = dict(embed_dim=64, depth=4, num_heads=4, intermediate_size=96, out_hidden_size=48,
+                    fullatt_block_indexes=(1, 3))
+        base.update(overrides)
+        return cls.qwen2_5_vl(**base)
+
+    @classmethod
+    def qwen3_vl(cls, **overrides: Any) -> VisionConfig:
+        """The Qwen3-VL tower (8B release; also 32B, with ``out_hidden_size`` 5120): width 1152, 27
+        blocks, 16 heads of dim 72, tanh-GELU MLP 4304, 16x16 patches with a bias, 48x48 learned position
+        table, DeepStack mergers after blocks 8, 16, 24. (The 2B/4B towers: depth 24, width 1024,
+        MLP 4096, DeepStack 5, 11, 17.)"""
+        base = dict(
+            model_type="qwen3_vl", embed_dim=1152, depth=27, num_heads=16, intermediate_size=4304,
+            out_hidden_size=4096, hidden_act="gelu_pytorch_tanh", patch_size=16, num_position_embeddings=2304,
+            deepstack_visual_indexes=(8, 16, 24),
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def qwen3_vl_shallow(cls, depth: int = 4, **overrides: Any) -> VisionConfig:
+        """Qwen3-VL widths with fewer blocks (quick CPU benchmarks); DeepStack after blocks 1 and 2."""
+        overrides.setdefault("deepstack_visual_indexes", tuple(range(1, min(depth, 3))))
+        return cls.qwen3_vl(depth=depth, **overrides)
+
+    @classmethod
+    def qwen3_vl_tiny(cls, **overrides: Any) -> VisionConfig:
+        """A 3-block, width-32 Qwen3-VL tower for tests: 8x8 position table, DeepStack after 0 and 2."""
+        base = dict(embed_dim=32, depth=3, num_heads=4, intermediate_size=48, out_hidden_size=40,
+                    num_position_embeddings=64, deepstack_visual_indexes=(0, 2))
+        base.update(overrides)
+        return cls.qwen3_vl(**base)
+
+    @classmethod
     def small(cls, **overrides: Any) -> VisionConfig:
         """A 4-block tower with the real head dim (80) for kernel-facing tests."""
         base = dict(embed_dim=320, depth=4, num_heads=4, out_hidden_size=256)
@@ -118,38 +273,65 @@ class VisionConfig:
     # ------------------------------------------------------ released configs
 
     @classmethod
-    def from_hf_dict(cls, vision_config: dict[str, Any], *, text_hidden_size: int | None = None) -> VisionConfig:
-        """Build from the ``vision_config`` dict of a released Qwen2-VL ``config.json``.
+    def from_hf_dict(
+        cls,
+        vision_config: dict[str, Any],
+        *,
+        text_hidden_size: int | None = None,
+        model_type: str | None = None,
+    ) -> VisionConfig:
+        """Build from the ``vision_config`` dict of a released ``config.json``.
 
-        Released configs set only a few fields (the 7B sets ``in_chans``, ``model_type`` and
-        ``spatial_patch_size``); the others take the class defaults, as transformers does. The merger
-        output width is ``hidden_size`` there; when it is absent, ``text_hidden_size`` (the language
-        model width, which is what the merger projects to) is used before the 7B default.
+        ``model_type`` is the family (the checkpoint's top-level ``model_type``); when omitted it is
+        read from ``vision_config["model_type"]``, else Qwen2-VL. Field names are each family's: for
+        Qwen2-VL ``embed_dim`` is the ViT width and ``hidden_size`` the merger output; for Qwen2.5-VL
+        and Qwen3-VL ``hidden_size`` is the ViT width and ``out_hidden_size`` the merger output.
+        Absent fields take the family's transformers class defaults, as transformers does (the 7B
+        Qwen2-VL release sets only ``in_chans``, ``model_type`` and ``spatial_patch_size``), except the
+        merger width, which falls back to ``text_hidden_size`` (the language model width it projects
+        to) first.
         """
         if not isinstance(vision_config, dict):
             raise TypeError(f"vision_config must be a dict, got {type(vision_config).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
+        family = model_type or _family(vision_config.get("model_type")) or "qwen2_vl"
+        if family not in MODEL_TYPES:
+            raise ValueError(f"model_type {family!r} is not a supported vision tower family; expected {MODEL_TYPES}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {
+            "model_type", "norm_type", "mlp_type", "patch_bias", "norm_eps", "rope_theta", "embed_dim",
+        }
+        if family == "qwen2_vl":
+            renames = {"hidden_size": "out_hidden_size", "embed_dim": "embed_dim"}
+            fields -= {"out_hidden_size", "intermediate_size", "window_size", "fullatt_block_indexes",
+                       "num_position_embeddings", "deepstack_visual_indexes"}
+        else:
+            renames = {"hidden_size": "embed_dim", "out_hidden_size": "out_hidden_size"}
+            fields -= {"mlp_ratio"}
+            if family == "qwen2_5_vl":
+                fields -= {"num_position_embeddings", "deepstack_visual_indexes"}
+            else:
+                fields -= {"window_size", "fullatt_block_indexes"}
+        kwargs: dict[str, Any] = dict(_HF_FAMILY_DEFAULTS[family])
+        given: set[str] = set()
         unknown = []
         for key, value in vision_config.items():
             key = _HF_ALIASES.get(key, key)
-            if key == "hidden_size":
-                kwargs["out_hidden_size"] = value
+            if key in renames:
+                kwargs[renames[key]] = value
+                given.add(renames[key])
             elif key == "rope_parameters":
                 if value:
                     if value.get("rope_type", "axial") not in ("axial", "default"):
                         raise ValueError(f"unsupported vision rope_type {value.get('rope_type')!r}")
                     kwargs["rope_theta"] = float(value.get("rope_theta", cls.rope_theta))
-            elif key in fields and key != "out_hidden_size":
+            elif key in fields:
                 kwargs[key] = value
             elif key not in _IGNORED_HF_FIELDS:
                 unknown.append(key)
         if unknown:
             raise ValueError(
-                f"vision_config has fields nativevit does not know: {sorted(unknown)}; "
-                "this does not look like a Qwen2-VL vision tower"
+                f"vision_config has fields nativevit does not know for a {family} tower: {sorted(unknown)}"
             )
-        if "out_hidden_size" not in kwargs and text_hidden_size is not None:
+        if "out_hidden_size" not in given and text_hidden_size is not None:
             kwargs["out_hidden_size"] = text_hidden_size
         for key in ("patch_size", "temporal_patch_size"):
             if isinstance(kwargs.get(key), (list, tuple)):
@@ -157,17 +339,19 @@ class VisionConfig:
                 if len(values) != 1:
                     raise ValueError(f"vision_config.{key}={kwargs[key]} is not square; not supported")
                 kwargs[key] = values.pop()
-        return cls(**kwargs)
+        return cls(model_type=family, **kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The ``vision_config`` dict in the field names of the Qwen2-VL release."""
-        return {
-            "model_type": "qwen2_vl",
+        """The ``vision_config`` dict in the field names of this family's releases."""
+        if (self.norm_type, self.mlp_type, self.patch_bias) != _family_kinds(self.model_type):
+            raise ValueError(
+                f"a {self.model_type} release cannot describe norm_type={self.norm_type!r}, "
+                f"mlp_type={self.mlp_type!r}, patch_bias={self.patch_bias}: its config has no such fields"
+            )
+        common = {
+            "model_type": self.model_type,
             "depth": self.depth,
-            "embed_dim": self.embed_dim,
-            "hidden_size": self.out_hidden_size,
             "hidden_act": self.hidden_act,
-            "mlp_ratio": int(self.mlp_ratio) if float(self.mlp_ratio).is_integer() else self.mlp_ratio,
             "num_heads": self.num_heads,
             "in_channels": self.in_channels,
             "patch_size": self.patch_size,
@@ -175,3 +359,47 @@ class VisionConfig:
             "temporal_patch_size": self.temporal_patch_size,
             "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
         }
+        if self.model_type == "qwen2_vl":
+            if self.window_size or self.num_position_embeddings or self.deepstack_visual_indexes:
+                raise ValueError("a qwen2_vl release has no window attention, position table or DeepStack")
+            ratio = self.mlp_hidden_dim / self.embed_dim
+            return {
+                **common,
+                "embed_dim": self.embed_dim,
+                "hidden_size": self.out_hidden_size,
+                "mlp_ratio": int(ratio) if float(ratio).is_integer() else ratio,
+            }
+        family = {
+            **common,
+            "hidden_size": self.embed_dim,
+            "out_hidden_size": self.out_hidden_size,
+            "intermediate_size": self.mlp_hidden_dim,
+        }
+        if self.model_type == "qwen2_5_vl":
+            if self.num_position_embeddings or self.deepstack_visual_indexes:
+                raise ValueError("a qwen2_5_vl release has no position table or DeepStack")
+            family["window_size"] = self.window_size
+            family["fullatt_block_indexes"] = list(self.fullatt_block_indexes)
+        else:
+            if self.window_size:
+                raise ValueError("a qwen3_vl release has no window attention")
+            family["num_position_embeddings"] = self.num_position_embeddings
+            family["deepstack_visual_indexes"] = list(self.deepstack_visual_indexes)
+        return family
+
+
+def _family(model_type: str | None) -> str | None:
+    """Family of a released ``model_type`` ("qwen2_5_vl", "qwen2_5_vl_vision", ... -> "qwen2_5_vl")."""
+    if model_type is None:
+        return None
+    name = model_type.removesuffix("_vision")
+    return "qwen3_vl" if name == "qwen3_vl_moe" else name
+
+
+def _family_kinds(model_type: str) -> tuple[str, str, bool]:
+    """(norm_type, mlp_type, patch_bias) of a family's releases."""
+    return (
+        "rmsnorm" if model_type == "qwen2_5_vl" else "layernorm",
+        "swiglu" if model_type == "qwen2_5_vl" else "mlp",
+        model_type == "qwen3_vl",
+    )
