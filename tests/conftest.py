@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
+# Without a GPU the Triton kernels run through the interpreter, which must be switched on before
+# triton is first imported (nativevit imports it): so here, before torch and nativevit.
+if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 
