@@ -6,11 +6,12 @@
     tokens = model(batch.pixel_values, batch.grid_thw)     # (N/4, out_hidden_size)
 """
 
-from . import ops
+from . import ops, strategies
 from .config import VisionConfig
 from .model import NativeViT
 from .packing import PackedBatch, Segments, cu_seqlens_from_grid
 from .preprocess import ImageProcessor, smart_resize
+from .timm_vit import from_timm
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,8 @@ __all__ = [
     "Segments",
     "VisionConfig",
     "cu_seqlens_from_grid",
+    "from_timm",
     "ops",
     "smart_resize",
+    "strategies",
 ]
