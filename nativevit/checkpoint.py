@@ -1,9 +1,10 @@
 """Checkpoint directories: read them as released, write them the same way. safetensors only.
 
-A released Qwen2-VL directory holds ``config.json`` (the tower described by ``vision_config``, in the
+A released Qwen2-VL, Qwen2.5-VL or Qwen3-VL directory holds ``config.json`` (the tower described by ``vision_config``, in the
 release's field names) and either ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json``. Tower tensors are keyed ``visual.*`` (Hub files) or ``model.visual.*``
-(transformers 5 in-memory names); every other key (the language model) is ignored and its shards are
+(transformers 5 in-memory names, and the Qwen3-VL Hub files); the top-level ``model_type``
+picks the family, and so the meaning of the ``vision_config`` fields; every other key (the language model) is ignored and its shards are
 never opened. A vision-only directory (transformers' ``Qwen2VisionTransformerPretrainedModel
 .save_pretrained``: tower fields at the top level of config.json, unprefixed keys) loads too.
 
@@ -28,8 +29,15 @@ if TYPE_CHECKING:
 TOWER_PREFIXES = ("visual.", "model.visual.")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
-VISION_ONLY_MODEL_TYPES = ("qwen2_vl_vision",)
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+VISION_ONLY_MODEL_TYPES = ("qwen2_vl_vision", "qwen2_5_vl_vision", "qwen3_vl_vision", "qwen3_vl_moe_vision")
+# What save_pretrained writes per family: the release's top-level class and tower key prefix
+# (Qwen2-VL and Qwen2.5-VL Hub files key the tower "visual.*", Qwen3-VL files "model.visual.*").
+RELEASE_LAYOUT = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "visual."),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "visual."),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "model.visual."),
+}
 
 
 def read_config(path: Path) -> tuple[VisionConfig, bool]:
@@ -49,9 +57,14 @@ def read_config(path: Path) -> tuple[VisionConfig, bool]:
                 f"{SUPPORTED_MODEL_TYPES} checkpoints"
             )
         text = raw.get("text_config") or raw
-        return VisionConfig.from_hf_dict(raw["vision_config"], text_hidden_size=text.get("hidden_size")), False
+        family = model_type.removesuffix("_moe")  # Qwen3-VL MoE releases carry the Qwen3-VL tower
+        cfg = VisionConfig.from_hf_dict(
+            raw["vision_config"], text_hidden_size=text.get("hidden_size"), model_type=family
+        )
+        return cfg, False
     if model_type in VISION_ONLY_MODEL_TYPES:
-        return VisionConfig.from_hf_dict(raw), True
+        family = model_type.removesuffix("_vision").removesuffix("_moe")
+        return VisionConfig.from_hf_dict(raw, model_type=family), True
     raise ValueError(
         f"{config_file}: neither a 'vision_config' entry nor a vision-tower model_type "
         f"{VISION_ONLY_MODEL_TYPES}; got model_type {model_type!r}"
@@ -162,13 +175,19 @@ def load_pretrained(
 
 
 def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``config.json`` and safetensors shards (+ index when more than one), keys under ``visual.``."""
+    """Write ``config.json`` and safetensors shards (+ index when more than one) in the layout of the
+    family's releases: top-level ``model_type`` and ``architectures``, ``vision_config`` in the
+    release's field names, tower keys under ``visual.`` (Qwen2-VL, Qwen2.5-VL) or ``model.visual.``
+    (Qwen3-VL)."""
     path = Path(path)
+    family = model.config.model_type
+    architecture, prefix = RELEASE_LAYOUT[family]
+    vision_config = model.config.to_hf_dict()
     path.mkdir(parents=True, exist_ok=True)
     config = {
-        "model_type": "qwen2_vl",
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "vision_config": model.config.to_hf_dict(),
+        "model_type": family,
+        "architectures": [architecture],
+        "vision_config": vision_config,
     }
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -178,7 +197,7 @@ def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int 
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1]["visual." + key] = tensor.detach().contiguous().cpu()
+        shards[-1][prefix + key] = tensor.detach().contiguous().cpu()
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})

@@ -1,4 +1,4 @@
-"""The Qwen2-VL vision tower over packed varlen batches.
+"""The Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers over packed varlen batches.
 
     pixel_values (N, C*T*P*P) --PatchEmbed--> (N, D) --depth x Block--> (N, D) --PatchMerger--> (N/4, out)
 
@@ -6,10 +6,19 @@ Per forward, the batch metadata (``Segments``: cu_seqlens on device, max_seqlen 
 2D rotary tables are built once from ``grid_thw``; every block reuses them, so no layer touches the
 host. Attention and RoPE go through ``nativevit.ops``; the padded baseline is this same model with
 ``attn_backend="padded"``.
+
+Qwen2.5-VL's window attention is a second ``Segments`` (one segment per window), built once per
+batch with the permutation that makes every window contiguous (``WindowLayout``): the tokens are
+permuted after the patch embedding, windowed blocks get the window segments and full-attention
+blocks the frame segments (the permutation never crosses a frame), and the output is permuted back.
+Qwen3-VL adds a learned position table resampled to each image and DeepStack mergers.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +28,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import VisionConfig
 from .packing import Segments, check_grid_thw, pad_segments, unpad_segments
-from .rope import rope_cos_sin
+from .rope import rope_cos_sin, rope_position_ids
 
 
 class QuickGELU(nn.Module):
@@ -39,6 +48,24 @@ def _activation(name: str) -> nn.Module:
     raise ValueError(f"unsupported activation {name!r}")
 
 
+class RMSNorm(nn.Module):
+    """Qwen2.5-VL's RMSNorm: ``x * rsqrt(mean(x^2) + eps)`` in float32, cast back to the input dtype,
+    then times the weight (in that order, as the release does; fp32 math even for fp64 input)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def _norm(kind: str, dim: int, eps: float) -> nn.Module:
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
+
+
 class PatchEmbed(nn.Module):
     """Conv3d patch embedding, kernel = stride = (T, P, P), applied as one matmul.
 
@@ -47,16 +74,18 @@ class PatchEmbed(nn.Module):
     the Conv3d shape so checkpoints load unchanged.
     """
 
-    def __init__(self, *, patch_dim: int, embed_dim: int, in_channels: int, temporal: int, patch: int):
+    def __init__(
+        self, *, patch_dim: int, embed_dim: int, in_channels: int, temporal: int, patch: int, bias: bool = False
+    ):
         super().__init__()
         self.proj = nn.Conv3d(
-            in_channels, embed_dim, kernel_size=(temporal, patch, patch), stride=(temporal, patch, patch), bias=False
+            in_channels, embed_dim, kernel_size=(temporal, patch, patch), stride=(temporal, patch, patch), bias=bias
         )
         self.patch_dim = patch_dim
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
-        return F.linear(pixel_values.to(weight.dtype), weight.view(weight.shape[0], -1))  # (N, D)
+        return F.linear(pixel_values.to(weight.dtype), weight.view(weight.shape[0], -1), self.proj.bias)  # (N, D)
 
 
 class Attention(nn.Module):
@@ -73,13 +102,22 @@ class Attention(nn.Module):
         self.rope_backend = rope_backend
 
     def forward(
-        self, x: torch.Tensor, segments: Segments, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        segments: Segments,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        relayout: PaddedWindows | None = None,
     ) -> torch.Tensor:
         n = x.shape[0]
         # features are [q heads | k heads | v heads]; q, k, v stay strided views of one buffer
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x (N, H, hd)
         q, k = ops.apply_rope_2d(q, k, cos, sin, backend=self.rope_backend)
+        if relayout is not None:
+            q, k, v = (relayout.to_windows(t) for t in (q, k, v))
         out = ops.varlen_attention(q, k, v, segments, scale=self.scale, backend=self.attn_backend)
+        if relayout is not None:
+            out = relayout.to_frames(out)
         return self.proj(out.reshape(n, -1))
 
 
@@ -94,36 +132,194 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class Qwen3Mlp(nn.Module):
+    """Qwen3-VL's two-layer MLP, under the release's names ``linear_fc1`` / ``linear_fc2``."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, act: str):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(dim, hidden_dim)
+        self.act = _activation(act)
+        self.linear_fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+class GatedMlp(nn.Module):
+    """Qwen2.5-VL's SwiGLU MLP with biases: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim)
+        self.up_proj = nn.Linear(dim, hidden_dim)
+        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.act = _activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))``."""
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
     def __init__(self, cfg: VisionConfig, *, attn_backend: str = "auto", rope_backend: str = "auto"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.norm1 = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
         self.attn = Attention(
             dim=cfg.embed_dim, num_heads=cfg.num_heads, attn_backend=attn_backend, rope_backend=rope_backend
         )
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(dim=cfg.embed_dim, hidden_dim=cfg.mlp_hidden_dim, act=cfg.hidden_act)
+        self.norm2 = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
+        if cfg.mlp_type == "swiglu":
+            mlp_cls = GatedMlp
+        else:
+            mlp_cls = Qwen3Mlp if cfg.model_type == "qwen3_vl" else Mlp
+        self.mlp = mlp_cls(dim=cfg.embed_dim, hidden_dim=cfg.mlp_hidden_dim, act=cfg.hidden_act)
 
     def forward(
-        self, x: torch.Tensor, segments: Segments, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        segments: Segments,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        relayout: PaddedWindows | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), segments, cos, sin)
+        x = x + self.attn(self.norm1(x), segments, cos, sin, relayout)
         return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
-    """LayerNorm, then each 2x2 block of consecutive rows -> one token through a 2-layer GELU MLP."""
+    """Norm (LayerNorm; RMSNorm in Qwen2.5-VL), then each 2x2 block of consecutive rows -> one token
+    through a 2-layer GELU MLP."""
 
-    def __init__(self, *, dim: int, out_dim: int, merge_size: int, eps: float):
+    def __init__(self, *, dim: int, out_dim: int, merge_size: int, eps: float, norm: str = "layernorm"):
         super().__init__()
         self.hidden = dim * merge_size**2
-        self.ln_q = nn.LayerNorm(dim, eps=eps)
+        self.ln_q = _norm(norm, dim, eps)
         self.mlp = nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.hidden))  # (N/m^2, out_dim)
+
+
+class Qwen3PatchMerger(nn.Module):
+    """Qwen3-VL's merger: LayerNorm over each row before the 2x2 shuffle (main merger) or over the
+    shuffled ``4*D`` vector (``postshuffle_norm``, the DeepStack mergers), then fc1, GELU, fc2."""
+
+    def __init__(
+        self, *, dim: int, out_dim: int, merge_size: int, eps: float, norm: str = "layernorm",
+        postshuffle_norm: bool = False,
+    ):
+        super().__init__()
+        self.hidden = dim * merge_size**2
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = _norm(norm, self.hidden if postshuffle_norm else dim, eps)
+        self.linear_fc1 = nn.Linear(self.hidden, self.hidden)
+        self.act = nn.GELU()
+        self.linear_fc2 = nn.Linear(self.hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.postshuffle_norm:
+            x = self.norm(x.view(-1, self.hidden))
+        else:
+            x = self.norm(x).view(-1, self.hidden)
+        return self.linear_fc2(self.act(self.linear_fc1(x)))  # (N/m^2, out_dim)
+
+
+# ----------------------------------------------------------------------------- window attention
+
+
+def window_partition(
+    grid_thw: list[tuple[int, int, int]], *, window: int, merge_size: int = 2
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Qwen2.5-VL's windows of a batch: ``(order, lengths)``, host-side.
+
+    Each frame's ``(h/m, w/m)`` grid of merged tokens is cut into ``window x window`` tiles (edge
+    tiles smaller), raster over tiles and raster inside each. ``order`` ``(N/m^2,)`` int64 lists the
+    merged tokens (batch indices) in window order; ``lengths`` the patches per window. The release
+    (``get_vision_window_index``) pads a side that is already a multiple of the window by one more
+    whole tile and then drops the resulting empty windows with ``unique_consecutive``; padding to the
+    next multiple only gives the same windows.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 merged token, got {window}")
+    orders, lengths, offset = [], [], 0
+    for t, h, w in grid_thw:
+        lh, lw = h // merge_size, w // merge_size
+        nh, nw = -(-lh // window), -(-lw // window)
+        idx = F.pad(torch.arange(t * lh * lw).view(t, lh, lw), (0, nw * window - lw, 0, nh * window - lh), value=-1)
+        tiles = idx.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(t * nh * nw, window * window)
+        valid = tiles >= 0
+        orders.append(tiles[valid] + offset)
+        lengths.extend((valid.sum(1) * merge_size**2).tolist())
+        offset += t * lh * lw
+    return torch.cat(orders), tuple(lengths)
+
+
+@dataclass(eq=False)
+class WindowLayout:
+    """Window attention metadata of one batch, built once per forward.
+
+    ``order`` ``(N,)``: patch rows in window order (``x[order]``), whole 2x2 merge groups moved
+    together; ``inverse`` undoes it; ``segments`` has one segment per window over the permuted rows.
+    """
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    segments: Segments
+
+    @classmethod
+    def from_grid(
+        cls, grid_thw: list[tuple[int, int, int]], *, window: int, merge_size: int, device: torch.device | str
+    ) -> WindowLayout:
+        merged, lengths = window_partition(grid_thw, window=window, merge_size=merge_size)
+        unit = merge_size**2
+        order = (merged[:, None] * unit + torch.arange(unit)).flatten()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        return cls(order.to(device), inverse.to(device), Segments(cu, lengths, max(lengths)))
+
+
+@dataclass(eq=False)
+class PaddedWindows:
+    """Padded baseline, windowed block: its rows are frames padded to the longest frame, its attention
+    runs on windows padded to the longest window, so q, k, v go there and the output comes back."""
+
+    frames: Segments
+    windows: Segments
+
+    def to_windows(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_segments(unpad_segments(x, self.frames), self.windows)
+
+    def to_frames(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_segments(unpad_segments(x, self.windows), self.frames)
+
+
+# ----------------------------------------------------------------------------- learned positions
+
+
+def position_table_taps(
+    grid_thw: list[tuple[int, int, int]], side: int, merge_size: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL's resampling of a ``(side, side)`` learned table to every patch: bilinear with
+    ``align_corners=True`` (row ``i`` of an ``h``-row grid reads source row ``i*(side-1)/(h-1)``,
+    border-clamped), as 4 gather indices ``(N, 4)`` into the flattened table and their ``(N, 4)``
+    weights, in the processor's 2x2 block row order and repeated over t. Weights are computed in
+    float32, as the release does, so fp64 models match it exactly.
+    """
+    pos = rope_position_ids(grid_thw, merge_size)  # (N, 2) (row, col), block-major
+    counts = torch.tensor([t * h * w for t, h, w in grid_thw])
+    sizes = torch.tensor([[h, w] for _, h, w in grid_thw]).repeat_interleave(counts, dim=0)  # (N, 2)
+    offsets = torch.arange(2)
+    taps, weights = [], []
+    for axis in (0, 1):
+        src = pos[:, axis].float() * (side - 1) / (sizes[:, axis] - 1).clamp(min=1)
+        lo = src.floor()
+        taps.append((lo.long()[:, None] + offsets).clamp(max=side - 1))
+        weights.append((1 - (src[:, None] - lo[:, None] - offsets).abs()).clamp(min=0))
+    index = (taps[0][:, :, None] * side + taps[1][:, None, :]).flatten(1)
+    weight = (weights[0][:, :, None] * weights[1][:, None, :]).flatten(1)
+    return index, weight
 
 
 class NativeViT(nn.Module):
@@ -145,13 +341,27 @@ class NativeViT(nn.Module):
             in_channels=cfg.in_channels,
             temporal=cfg.temporal_patch_size,
             patch=cfg.patch_size,
+            bias=cfg.patch_bias,
+        )
+        # Qwen3-VL: a square learned position table, resampled to each image (see position_table_taps)
+        self.pos_embed = (
+            nn.Embedding(cfg.num_position_embeddings, cfg.embed_dim) if cfg.num_position_embeddings else None
         )
         self.blocks = nn.ModuleList(
             [Block(cfg, attn_backend=attn_backend, rope_backend=rope_backend) for _ in range(cfg.depth)]
         )
-        self.merger = PatchMerger(
-            dim=cfg.embed_dim, out_dim=cfg.out_hidden_size, merge_size=cfg.spatial_merge_size, eps=cfg.norm_eps
+        merger = dict(
+            dim=cfg.embed_dim, out_dim=cfg.out_hidden_size, merge_size=cfg.spatial_merge_size, eps=cfg.norm_eps,
+            norm=cfg.norm_type,
         )
+        if cfg.model_type == "qwen3_vl":
+            self.merger = Qwen3PatchMerger(**merger)
+        else:
+            self.merger = PatchMerger(**merger)
+        if cfg.deepstack_visual_indexes:
+            self.deepstack_merger_list = nn.ModuleList(
+                [Qwen3PatchMerger(**merger, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes]
+            )
         self.init_weights()
 
     # ------------------------------------------------------------------ backends
@@ -187,6 +397,10 @@ class NativeViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
 
     # ------------------------------------------------------------------ forward
 
@@ -211,36 +425,90 @@ class NativeViT(nn.Module):
         return grid
 
     def forward_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """``(N, C*T*P*P)`` patch rows -> ``(N, embed_dim)`` pre-merger states (HF ``last_hidden_state``)."""
+        """``(N, C*T*P*P)`` patch rows -> ``(N, embed_dim)`` pre-merger states, in the input row order.
+
+        This is HF's ``last_hidden_state`` for Qwen2-VL and Qwen3-VL. Qwen2.5-VL's ``last_hidden_state``
+        is left in window order by transformers; here it is put back in the input (2x2 block) order, so
+        rows always line up with ``pixel_values``.
+        """
+        return self._encode(pixel_values, grid_thw, deepstack=False)[0]
+
+    def forward(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, return_deepstack: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(N, C*T*P*P)`` patch rows -> ``(N/4, out_hidden_size)`` merged tokens (HF ``pooler_output``).
+
+        With ``return_deepstack=True``: ``(tokens, [deepstack tokens, ...])``, one ``(N/4,
+        out_hidden_size)`` tensor per entry of ``deepstack_visual_indexes`` in block order (HF
+        ``deepstack_features``; an empty list for towers without DeepStack).
+        """
+        x, deepstack = self._encode(pixel_values, grid_thw, deepstack=return_deepstack)
+        tokens = self.merger(x)
+        return (tokens, deepstack) if return_deepstack else tokens
+
+    def _encode(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, deepstack: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Blocks over the batch: ``(N, embed_dim)`` final states in input order, DeepStack tokens."""
+        cfg = self.config
         grid = self._check_inputs(pixel_values, grid_thw)
         x = self.patch_embed(pixel_values)
+        if self.pos_embed is not None:
+            index, weight = position_table_taps(grid, math.isqrt(cfg.num_position_embeddings), cfg.spatial_merge_size)
+            table = self.pos_embed(index.to(x.device)) * weight.to(x.device)[:, :, None]  # (N, 4, D)
+            x = x + table.sum(1).to(x.dtype)
         segments = Segments.from_grid(grid, x.device)
         cos, sin = rope_cos_sin(
             grid,
-            self.config.head_dim,
-            theta=self.config.rope_theta,
-            merge_size=self.config.spatial_merge_size,
+            cfg.head_dim,
+            theta=cfg.rope_theta,
+            merge_size=cfg.spatial_merge_size,
             device=x.device,
         )
+        windowed = cfg.windowed_blocks
+        windows = None
+        if any(windowed):
+            windows = WindowLayout.from_grid(
+                grid, window=cfg.window_tokens, merge_size=cfg.spatial_merge_size, device=x.device
+            )
+            x, cos, sin = (t.index_select(0, windows.order) for t in (x, cos, sin))
+        # Each block's attention: (segments, relayout), decided once per batch.
+        full = (segments, None)
+        local = (windows.segments, None) if windows is not None else None
         if self.attn_backend == "padded":
             # The padded baseline: every layer runs on a (segments x max_seqlen) batch, as a padded ViT
             # does, so the linear layers pay for the padding too; attention masks the padded keys.
+            # Windowed blocks attend on windows padded to the longest window.
             segments = segments.as_padded()
             x, cos, sin = (pad_segments(t, segments) for t in (x, cos, sin))
-        for blk in self.blocks:
-            x = blk(x, segments, cos, sin)
-        return unpad_segments(x, segments) if segments.padded else x
+            full = (segments, None)
+            if windows is not None:
+                local = (windows.segments.as_padded(), PaddedWindows(segments, windows.segments))
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """``(N, C*T*P*P)`` patch rows -> ``(N/4, out_hidden_size)`` merged tokens (HF ``pooler_output``)."""
-        return self.merger(self.forward_features(pixel_values, grid_thw))
+        def restore(h: torch.Tensor) -> torch.Tensor:
+            if segments.padded:
+                h = unpad_segments(h, segments)
+            return h.index_select(0, windows.inverse) if windows is not None else h
+
+        stack = {block: j for j, block in enumerate(cfg.deepstack_visual_indexes)} if deepstack else {}
+        features = []
+        for i, blk in enumerate(self.blocks):
+            attn_segments, relayout = local if windowed[i] else full
+            x = blk(x, attn_segments, cos, sin, relayout)
+            if i in stack:
+                features.append(self.deepstack_merger_list[stack[i]](restore(x)))
+        return restore(x), features
 
     # ------------------------------------------------------------------ accounting
 
     def flops_per_batch(self, grid_thw: torch.Tensor | list, *, padded: bool = False) -> dict[str, int]:
         """Forward FLOPs of a batch, by term (see :func:`flops`); ``padded`` for the padded baseline."""
+        cfg = self.config
         grid = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
-        return flops(self.config, [h * w for t, h, w in grid for _ in range(t)], padded=padded)
+        window_lengths = None
+        if any(cfg.windowed_blocks):
+            window_lengths = list(window_partition(grid, window=cfg.window_tokens, merge_size=cfg.spatial_merge_size)[1])
+        return flops(cfg, [h * w for t, h, w in grid for _ in range(t)], padded=padded, window_lengths=window_lengths)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -268,24 +536,53 @@ class NativeViT(nn.Module):
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
 
-def flops(cfg: VisionConfig, lengths: list[int], *, padded: bool = False) -> dict[str, int]:
+def flops(
+    cfg: VisionConfig, lengths: list[int], *, padded: bool = False, window_lengths: list[int] | None = None
+) -> dict[str, int]:
     """Forward FLOPs (2 per multiply-add) of segments of the given lengths, by term.
 
-    ``linear``: patch embedding, qkv, proj, MLP and merger GEMMs, proportional to the rows they see.
-    ``attention``: QK^T and PV, ``4 * L^2 * embed_dim`` per segment of length L and layer.
+    ``linear``: patch embedding, qkv, proj, MLP (3 GEMMs for SwiGLU) and merger GEMMs (DeepStack
+    mergers included), proportional to the rows they see.
+    ``attention``: QK^T and PV, ``4 * L^2 * embed_dim`` per segment of length L and layer; the
+    windowed blocks of ``cfg`` count ``window_lengths`` (see ``window_partition``) instead.
     ``padded=True`` gives the padded baseline's cost: the blocks see every segment padded to the
-    longest (patch embedding and merger still run on the real tokens).
+    longest, windowed attention every window padded to the longest (patch embedding and mergers
+    still run on the real tokens).
     """
     tokens = sum(lengths)
+    windowed = sum(cfg.windowed_blocks)
+    if windowed and window_lengths is None:
+        raise ValueError(f"cfg has {windowed} windowed blocks: pass window_lengths (see window_partition)")
     if padded:
         lengths = [max(lengths)] * sum(1 for n in lengths if n > 0)
+        if windowed:
+            window_lengths = [max(window_lengths)] * sum(1 for n in window_lengths if n > 0)
     rows = sum(lengths)
     d, hid, unit = cfg.embed_dim, cfg.mlp_hidden_dim, cfg.merge_unit
-    per_row_block = 2 * (3 * d * d + d * d + 2 * d * hid)
-    merger = 2 * (tokens // unit) * (unit * d * unit * d + unit * d * cfg.out_hidden_size)
+    mlp_gemms = 3 if cfg.mlp_type == "swiglu" else 2
+    per_row_block = 2 * (3 * d * d + d * d + mlp_gemms * d * hid)
+    mergers = 1 + len(cfg.deepstack_visual_indexes)
+    merger = mergers * 2 * (tokens // unit) * (unit * d * unit * d + unit * d * cfg.out_hidden_size)
     linear = 2 * tokens * cfg.patch_dim * d + cfg.depth * rows * per_row_block + merger
-    attention = cfg.depth * sum(4 * n * n * d for n in lengths)
+    attention = (cfg.depth - windowed) * sum(4 * n * n * d for n in lengths)
+    if windowed:
+        attention += windowed * sum(4 * n * n * d for n in window_lengths)
     return {"linear": linear, "attention": attention, "total": linear + attention}
 
 
-__all__ = ["NativeViT", "Block", "Attention", "Mlp", "PatchEmbed", "PatchMerger", "flops"]
+__all__ = [
+    "NativeViT",
+    "Block",
+    "Attention",
+    "Mlp",
+    "GatedMlp",
+    "Qwen3Mlp",
+    "RMSNorm",
+    "PatchEmbed",
+    "PatchMerger",
+    "Qwen3PatchMerger",
+    "WindowLayout",
+    "window_partition",
+    "position_table_taps",
+    "flops",
+]
