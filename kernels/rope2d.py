@@ -14,6 +14,7 @@ mask (``tl.arange`` needs powers of two): d=80 uses 64 lanes for 40 values, but 
 memory-bound and masked lanes move no bytes, so nothing is paid for them in bandwidth.
 
 Limits: fp16/bf16/fp32 inputs, even head dim up to 512, q and k may have different head counts.
+Under the interpreter bf16 stores round by hand (``cast_rounded``: the interpreter truncates).
 The in-place variant (``rope2d_``) writes through the views (into the qkv buffer); it has no
 autograd (inference only). Reference: ``rope2d_ref`` (= ``nativevit.rope.rope_2d_ref``).
 """
@@ -26,6 +27,8 @@ import triton.language as tl
 
 from nativevit.ops import triton_interpreted
 from nativevit.rope import rope_2d_ref as rope2d_ref
+
+from .varlen_attention import cast_rounded
 
 __all__ = ["rope2d", "rope2d_", "rope2d_fwd", "rope2d_ref", "SUPPORTED_DTYPES", "rope2d_rejects"]
 
@@ -40,7 +43,7 @@ INTERPRETED = triton_interpreted()
 def _rotate_heads(
     x_ptr, out_ptr, c, s, rows, mask, offs_d, n_heads,
     stride_x_tok, stride_x_head, stride_out_tok, stride_out_head,
-    HALF: tl.constexpr, CONJUGATE: tl.constexpr,
+    HALF: tl.constexpr, CONJUGATE: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):  # fmt: skip
     for h in range(n_heads):
         x_base = x_ptr + rows[:, None] * stride_x_tok + h * stride_x_head + offs_d[None, :]
@@ -53,8 +56,8 @@ def _rotate_heads(
             y1 = x1 * c - x2 * s
             y2 = x2 * c + x1 * s
         o_base = out_ptr + rows[:, None] * stride_out_tok + h * stride_out_head + offs_d[None, :]
-        tl.store(o_base, y1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_base + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_base, cast_rounded(y1, out_ptr.dtype.element_ty, BF16_RTNE), mask=mask)
+        tl.store(o_base + HALF, cast_rounded(y2, out_ptr.dtype.element_ty, BF16_RTNE), mask=mask)
 
 
 @triton.jit
@@ -65,6 +68,7 @@ def _rope2d_fwd_kernel(
     stride_qo_tok, stride_qo_head, stride_ko_tok, stride_ko_head,
     stride_cos_tok, stride_cos_d, stride_sin_tok, stride_sin_d,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, CONJUGATE: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -74,11 +78,11 @@ def _rope2d_fwd_kernel(
     s = tl.load(sin_ptr + rows[:, None] * stride_sin_tok + offs_d[None, :] * stride_sin_d, mask=mask, other=0.0)
     _rotate_heads(
         q_ptr, q_out_ptr, c, s, rows, mask, offs_d, n_heads_q,
-        stride_q_tok, stride_q_head, stride_qo_tok, stride_qo_head, HALF, CONJUGATE,
+        stride_q_tok, stride_q_head, stride_qo_tok, stride_qo_head, HALF, CONJUGATE, BF16_RTNE,
     )  # fmt: skip
     _rotate_heads(
         k_ptr, k_out_ptr, c, s, rows, mask, offs_d, n_heads_k,
-        stride_k_tok, stride_k_head, stride_ko_tok, stride_ko_head, HALF, CONJUGATE,
+        stride_k_tok, stride_k_head, stride_ko_tok, stride_ko_head, HALF, CONJUGATE, BF16_RTNE,
     )  # fmt: skip
 
 
@@ -143,7 +147,7 @@ def rope2d_fwd(
     if n_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
-    block_t = 4 if INTERPRETED else max(1, min(16, 2048 // triton.next_power_of_2(half)))
+    block_t = 16 if INTERPRETED else max(1, min(16, 2048 // triton.next_power_of_2(half)))
     _rope2d_fwd_kernel[(triton.cdiv(n_tokens, block_t),)](
         q, k, q_out, k_out, cos, sin,
         n_tokens, q.shape[1], k.shape[1],
@@ -151,7 +155,7 @@ def rope2d_fwd(
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=block_t, CONJUGATE=conjugate,
-        num_warps=4,
+        BF16_RTNE=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
     return q_out, k_out
 

@@ -76,6 +76,21 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def cast_rounded(x, dtype: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """``x.to(dtype)``; with ``BF16_RTNE`` (interpreter, bf16) the fp32 -> bf16 rounding is done by hand.
+
+    Triton 3.8's interpreter truncates fp32 -> bf16 (round toward zero) where the GPU rounds to
+    nearest even, which biases every bf16 result by up to an ulp. Rounding the fp32 bits to nearest
+    even first makes the value exact in bf16, so the interpreter's truncating cast is then exact.
+    """
+    if BF16_RTNE:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    return x.to(dtype)
+
+
+@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
@@ -93,10 +108,11 @@ def _load_rows(ptr, rows, row_mask, stride_tok, head_off, COL0: tl.constexpr, WI
 
 @triton.jit
 def _store_rows(ptr, val, rows, row_mask, stride_tok, head_off, COL0: tl.constexpr, WIDTH: tl.constexpr,
-                HEAD_DIM: tl.constexpr):  # fmt: skip
+                HEAD_DIM: tl.constexpr, BF16_RTNE: tl.constexpr):  # fmt: skip
     cols = COL0 + tl.arange(0, WIDTH)
     mask = row_mask[:, None] & (cols < HEAD_DIM)[None, :]
-    tl.store(ptr + rows[:, None] * stride_tok + head_off + cols[None, :], val.to(ptr.dtype.element_ty), mask=mask)
+    val = cast_rounded(val, ptr.dtype.element_ty, BF16_RTNE)
+    tl.store(ptr + rows[:, None] * stride_tok + head_off + cols[None, :], val, mask=mask)
 
 
 @triton.jit
@@ -119,6 +135,7 @@ def _varlen_attn_fwd_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(1).to(tl.int64)
     seg_start, seqlen, offs_m = _work_item(work_ptr, cu_ptr, BLOCK_M)
@@ -147,7 +164,7 @@ def _varlen_attn_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        p_lo = p.to(v_ptr.dtype.element_ty)
+        p_lo = cast_rounded(p, v_ptr.dtype.element_ty, BF16_RTNE)
         v0 = _load_rows(v_ptr, rows_n, mask_n, stride_v_tok, head * stride_v_head, 0, D0, HEAD_DIM)
         acc0 = acc0 * alpha[:, None] + _dot(p_lo, v0, UPCAST, PRECISION)
         if D1 > 0:
@@ -157,9 +174,9 @@ def _varlen_attn_fwd_kernel(
 
     # Every item has >= 1 valid key (segments of the work list are non-empty), so l_i > 0.
     o_off = head * stride_o_head
-    _store_rows(o_ptr, acc0 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, 0, D0, HEAD_DIM)
+    _store_rows(o_ptr, acc0 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, 0, D0, HEAD_DIM, BF16_RTNE)
     if D1 > 0:
-        _store_rows(o_ptr, acc1 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, D0, D1, HEAD_DIM)
+        _store_rows(o_ptr, acc1 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, D0, D1, HEAD_DIM, BF16_RTNE)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(lse_ptr + head * stride_lse_head + rows_m, lse, mask=mask_m)
 
@@ -189,6 +206,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     scale, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
 ):  # fmt: skip
     """A program owns BLOCK_N keys of one segment and head; loops over the segment's queries."""
     head = tl.program_id(1).to(tl.int64)
@@ -221,22 +239,22 @@ def _varlen_attn_bwd_dkdv_kernel(
             do1 = _load_rows(do_ptr, rows_m, mask_m, stride_do_tok, head * stride_do_head, D0, D1, HEAD_DIM)
             s_t += _dot(k1, tl.trans(q1), UPCAST, PRECISION)
         p_t = tl.where(mask_m[None, :], tl.math.exp2(s_t * qk_scale - lse[None, :]), 0.0)
-        p_lo = p_t.to(dtype)
+        p_lo = cast_rounded(p_t, dtype, BF16_RTNE)
         dv0 += _dot(p_lo, do0, UPCAST, PRECISION)
         dp_t = _dot(v0, tl.trans(do0), UPCAST, PRECISION)
         if D1 > 0:
             dv1 += _dot(p_lo, do1, UPCAST, PRECISION)
             dp_t += _dot(v1, tl.trans(do1), UPCAST, PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        ds_t = cast_rounded(p_t * (dp_t - delta[None, :]), dtype, BF16_RTNE)
         dk0 += _dot(ds_t, q0, UPCAST, PRECISION)
         if D1 > 0:
             dk1 += _dot(ds_t, q1, UPCAST, PRECISION)
 
-    _store_rows(dk_ptr, dk0 * scale, rows_n, mask_n, stride_dk_tok, head * stride_dk_head, 0, D0, HEAD_DIM)
-    _store_rows(dv_ptr, dv0, rows_n, mask_n, stride_dv_tok, head * stride_dv_head, 0, D0, HEAD_DIM)
+    _store_rows(dk_ptr, dk0 * scale, rows_n, mask_n, stride_dk_tok, head * stride_dk_head, 0, D0, HEAD_DIM, BF16_RTNE)
+    _store_rows(dv_ptr, dv0, rows_n, mask_n, stride_dv_tok, head * stride_dv_head, 0, D0, HEAD_DIM, BF16_RTNE)
     if D1 > 0:
-        _store_rows(dk_ptr, dk1 * scale, rows_n, mask_n, stride_dk_tok, head * stride_dk_head, D0, D1, HEAD_DIM)
-        _store_rows(dv_ptr, dv1, rows_n, mask_n, stride_dv_tok, head * stride_dv_head, D0, D1, HEAD_DIM)
+        _store_rows(dk_ptr, dk1 * scale, rows_n, mask_n, stride_dk_tok, head * stride_dk_head, D0, D1, HEAD_DIM, BF16_RTNE)
+        _store_rows(dv_ptr, dv1, rows_n, mask_n, stride_dv_tok, head * stride_dv_head, D0, D1, HEAD_DIM, BF16_RTNE)
 
 
 @triton.jit
@@ -248,6 +266,7 @@ def _varlen_attn_bwd_dq_kernel(
     scale, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
 ):  # fmt: skip
     """A program owns BLOCK_M queries of one segment and head; loops over the segment's keys."""
     head = tl.program_id(1).to(tl.int64)
@@ -280,14 +299,14 @@ def _varlen_attn_bwd_dq_kernel(
             s += _dot(q1, tl.trans(k1), UPCAST, PRECISION)
             dp += _dot(do1, tl.trans(v1), UPCAST, PRECISION)
         p = tl.where(mask_n[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        ds = (p * (dp - delta[:, None])).to(dtype)
+        ds = cast_rounded(p * (dp - delta[:, None]), dtype, BF16_RTNE)
         dq0 += _dot(ds, k0, UPCAST, PRECISION)
         if D1 > 0:
             dq1 += _dot(ds, k1, UPCAST, PRECISION)
 
-    _store_rows(dq_ptr, dq0 * scale, rows_m, mask_m, stride_dq_tok, head * stride_dq_head, 0, D0, HEAD_DIM)
+    _store_rows(dq_ptr, dq0 * scale, rows_m, mask_m, stride_dq_tok, head * stride_dq_head, 0, D0, HEAD_DIM, BF16_RTNE)
     if D1 > 0:
-        _store_rows(dq_ptr, dq1 * scale, rows_m, mask_m, stride_dq_tok, head * stride_dq_head, D0, D1, HEAD_DIM)
+        _store_rows(dq_ptr, dq1 * scale, rows_m, mask_m, stride_dq_tok, head * stride_dq_head, D0, D1, HEAD_DIM, BF16_RTNE)
 
 
 # ------------------------------------------------------------------------- launch configuration
@@ -346,6 +365,7 @@ def _common_meta(head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
     return dict(
         HEAD_DIM=head_dim, D0=d0, D1=d1, D1_TILE=max(d1, 1),
         UPCAST=INTERPRETED and dtype == torch.bfloat16,
+        BF16_RTNE=INTERPRETED and dtype == torch.bfloat16,
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )  # fmt: skip
 
