@@ -77,7 +77,9 @@ def from_timm(
         raise TypeError(f"model must be a timm model or a timm model name, got {type(model).__name__}")
     if weights is not None:
         load_safetensors_into(model, weights)
-    return TimmPackedEncoder(model, layer=layer, norm=norm, prefix_tokens=prefix_tokens, attn_backend=attn_backend)
+    return TimmPackedEncoder(
+        model, layer=layer, norm=norm, prefix_tokens=prefix_tokens, attn_backend=attn_backend
+    )
 
 
 def load_safetensors_into(model: nn.Module, path: str | Path) -> None:
@@ -123,11 +125,15 @@ class _VitStem:
                 f"{type(pe).__name__}) is a CNN stem; the packed encoder needs a plain patch embedding"
             )
         if type(pe) is not PatchEmbed:
-            raise ValueError(f"unsupported timm model: patch_embed is {type(pe).__name__}, not timm PatchEmbed")
+            raise ValueError(
+                f"unsupported timm model: patch_embed is {type(pe).__name__}, not timm PatchEmbed"
+            )
         _check_patch_conv(pe.proj, "patch_embed.proj")
         pos = model.pos_embed
         if pos is not None and (pos.dim() != 3 or pos.shape[0] != 1):
-            raise ValueError(f"unsupported timm model: pos_embed has shape {tuple(pos.shape)}, expected (1, L, dim)")
+            raise ValueError(
+                f"unsupported timm model: pos_embed has shape {tuple(pos.shape)}, expected (1, L, dim)"
+            )
         self.model = model
         self.patch_size = tuple(pe.proj.kernel_size)
         self.num_prefix_tokens = model.num_prefix_tokens
@@ -493,8 +499,8 @@ class TimmPackedEncoder(nn.Module):
                 p = getattr(getattr(blk, name), "drop_prob", 0.0)
                 if p > 0:
                     raise RuntimeError(
-                        f"blocks[{i}].{name} (stochastic depth {p}) drops whole samples; not supported by the "
-                        "packed encoder in training mode (build the model with drop_path_rate=0)"
+                        f"blocks[{i}].{name} (stochastic depth {p}) drops whole samples; not supported by "
+                        "the packed encoder in training mode (build the model with drop_path_rate=0)"
                     )
             if blk.attn.attn_drop.p > 0:
                 raise RuntimeError(

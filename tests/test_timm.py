@@ -47,7 +47,8 @@ def assert_close(actual, expected, tol, what):
     where = divmod(int(diff.argmax()), diff.shape[-1]) if diff.dim() == 2 else int(diff.argmax())
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert err <= tol, (
-        f"{what}: rel err {err:.2e} > {tol:.0e} (max abs diff {diff.max():.2e} at {where}, mean {diff.mean():.2e})"
+        f"{what}: rel err {err:.2e} > {tol:.0e} "
+        f"(max abs diff {diff.max():.2e} at {where}, mean {diff.mean():.2e})"
     )
 
 
@@ -84,7 +85,7 @@ def test_vit_parity_mixed_sizes(case):
 
     assert len(out) == len(imgs)
     with torch.no_grad():
-        for i, (img, grid) in enumerate(zip(imgs, GRIDS)):
+        for i, (img, grid) in enumerate(zip(imgs, GRIDS, strict=True)):
             ref_model = fixed if i == 0 else dynamic
             ref = ref_model.forward_features(img[None])[0]
             assert out[i].shape == (fixed.num_prefix_tokens + grid[0] * grid[1], 64)
@@ -130,7 +131,7 @@ def test_naflex_parity_with_its_padded_forward(case):
     imgs = images(GRIDS, 16)
     out = nv.from_timm(model, attn_backend="torch").forward_images(imgs)
     refs = naflex_padded_forward(model, imgs)
-    for i, (o, r) in enumerate(zip(out, refs)):
+    for i, (o, r) in enumerate(zip(out, refs, strict=True)):
         assert_close(o, r, FP64_TOL, f"naflex {case} image {i} grid {GRIDS[i]}")
 
 
@@ -167,7 +168,7 @@ def test_packed_equals_padded_backend():
     imgs = images(GRIDS, patch, seed=7)
     packed = nv.from_timm(model, attn_backend="torch").forward_images(imgs)
     padded = nv.from_timm(model, attn_backend="padded").forward_images(imgs)
-    for i, (a, b) in enumerate(zip(padded, packed)):
+    for i, (a, b) in enumerate(zip(padded, packed, strict=True)):
         assert_close(a, b, 1e-13, f"padded vs packed image {i}")
 
 
@@ -188,7 +189,7 @@ def test_every_available_attention_backend_serves_the_encoder():
         except RuntimeError:  # registered but not for float32 / this head dim: nothing to compare
             continue
         out = nv.from_timm(model, attn_backend=backend).forward_images(imgs)
-        for i, (o, r) in enumerate(zip(out, ref)):
+        for i, (o, r) in enumerate(zip(out, ref, strict=True)):
             assert_close(o.double(), r, 1e-5, f"backend {backend} image {i}")
         ran.append(backend)
     assert {"torch", "padded"} <= set(ran), ran
@@ -230,14 +231,18 @@ def test_parameters_are_shared_not_copied():
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with torch.no_grad():
         model.norm.weight.mul_(2.0)
-        assert_close(enc.forward_images(imgs[1:])[0], model.forward_features(imgs[1][None])[0], FP64_TOL, "after edit")
+        assert_close(
+            enc.forward_images(imgs[1:])[0], model.forward_features(imgs[1][None])[0], FP64_TOL, "after edit"
+        )
 
 
 def test_from_name_and_local_safetensors(tmp_path):
     from safetensors.torch import save_file
 
     kwargs = dict(img_size=56, dynamic_img_size=True, **TINY)
-    source = randomised(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, **kwargs)).float()
+    source = randomised(
+        timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, **kwargs)
+    ).float()
     path = tmp_path / "dinov2.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
 
