@@ -95,6 +95,38 @@ class ImageProcessor:
         self.pixel_cap = pixel_cap
         self.max_input_pixels = max_input_pixels
 
+    # ---------------------------------------------------------------- family presets
+    # Each family's released ``preprocessor_config.json`` (what ``from_pretrained`` of an official
+    # checkpoint gives), not transformers' class defaults (max_pixels 28*28*1280 for Qwen2-VL).
+
+    @classmethod
+    def qwen2_vl(cls, **overrides) -> ImageProcessor:
+        """Qwen2-VL releases: 14-px patches (factor 28), 3136..12845056 pixels, OpenAI CLIP mean/std."""
+        base = dict(min_pixels=56 * 56, max_pixels=16384 * 28 * 28, patch_size=14)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def qwen2_5_vl(cls, **overrides) -> ImageProcessor:
+        """Qwen2.5-VL releases: the same processor as Qwen2-VL."""
+        return cls.qwen2_vl(**overrides)
+
+    @classmethod
+    def qwen3_vl(cls, **overrides) -> ImageProcessor:
+        """Qwen3-VL releases: 16-px patches (factor 32), 65536..16777216 pixels, mean = std = 0.5."""
+        base = dict(
+            min_pixels=65536, max_pixels=16777216, patch_size=16, image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5), pixel_cap=16777216,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def for_model(cls, model_type: str, **overrides) -> ImageProcessor:
+        """The preset of a tower family (``VisionConfig.model_type``)."""
+        presets = {"qwen2_vl": cls.qwen2_vl, "qwen2_5_vl": cls.qwen2_5_vl, "qwen3_vl": cls.qwen3_vl}
+        if model_type not in presets:
+            raise ValueError(f"no ImageProcessor preset for model_type {model_type!r}; known: {sorted(presets)}")
+        return presets[model_type](**overrides)
+
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
