@@ -34,7 +34,7 @@ def _unavailable(device_type: str) -> str | None:
         if varlen_attention.INTERPRETED:
             return None
         if triton_interpreted():
-            return "TRITON_INTERPRET=1 was set after triton was imported; set it before importing torch/nativevit"
+            return "TRITON_INTERPRET=1 was set after triton was imported; set it before importing nativevit"
         return "triton kernels run on CPU only under the interpreter (TRITON_INTERPRET=1, set before import)"
     return f"triton kernels do not run on {device_type} devices"
 
@@ -46,7 +46,12 @@ def _missing(*args, **kwargs):
 if _IMPORT_ERROR is None:
     register_backend(
         "attention",
-        Backend("triton", varlen_attention.varlen_attention, _unavailable, varlen_attention.varlen_attention_rejects),
+        Backend(
+            "triton",
+            varlen_attention.varlen_attention,
+            _unavailable,
+            varlen_attention.varlen_attention_rejects,
+        ),
     )
     register_backend("rope", Backend("triton", rope2d.rope2d, _unavailable, rope2d.rope2d_rejects))
 else:

@@ -74,8 +74,12 @@ def _rope2d_fwd_kernel(
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (rows < n_tokens)[:, None] & (offs_d < HALF)[None, :]
-    c = tl.load(cos_ptr + rows[:, None] * stride_cos_tok + offs_d[None, :] * stride_cos_d, mask=mask, other=0.0)
-    s = tl.load(sin_ptr + rows[:, None] * stride_sin_tok + offs_d[None, :] * stride_sin_d, mask=mask, other=0.0)
+    c = tl.load(
+        cos_ptr + rows[:, None] * stride_cos_tok + offs_d[None, :] * stride_cos_d, mask=mask, other=0.0
+    )
+    s = tl.load(
+        sin_ptr + rows[:, None] * stride_sin_tok + offs_d[None, :] * stride_sin_d, mask=mask, other=0.0
+    )
     _rotate_heads(
         q_ptr, q_out_ptr, c, s, rows, mask, offs_d, n_heads_q,
         stride_q_tok, stride_q_head, stride_qo_tok, stride_qo_head, HALF, CONJUGATE, BF16_RTNE,
@@ -94,7 +98,7 @@ def rope2d_rejects(x: torch.Tensor) -> str | None:
     if x.dtype not in SUPPORTED_DTYPES:
         return f"the triton rope kernel takes fp16/bf16/fp32, got {x.dtype}"
     if x.dim() != 3 or x.shape[-1] % 2 or x.shape[-1] > MAX_HEAD_DIM:
-        return f"the triton rope kernel takes (total, heads, even head_dim <= {MAX_HEAD_DIM}), got {tuple(x.shape)}"
+        return f"the triton rope kernel takes (total, heads, even head_dim <= {MAX_HEAD_DIM}), got {x.shape}"
     return None
 
 
@@ -116,7 +120,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         if x.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {x.dtype}")
         if tuple(x.shape) != expected:
-            raise ValueError(f"{name} must have shape (total, head_dim//2) = {expected}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must have shape (total, head_dim//2) = {expected}, got {tuple(x.shape)}"
+            )
     for name, x in (("k", k), ("cos", cos), ("sin", sin)):
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
@@ -193,7 +199,9 @@ torch.library.register_autograd("nativevit::rope2d", _rope2d_backward, setup_con
 
 
 @torch.library.custom_op("nativevit::rope2d_", mutates_args=("q", "k"))
-def _rope2d_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool) -> None:
+def _rope2d_inplace_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool
+) -> None:
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("in-place rope needs stride(-1) == 1 for q and k")
     rope2d_fwd(q, k, cos, sin, conjugate=conjugate, q_out=q, k_out=k)
@@ -204,14 +212,18 @@ def _(q, k, cos, sin, conjugate):
     return None
 
 
-def rope2d(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope2d(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Out-of-place 2D RoPE of ``q``, ``k`` ``(total, heads, head_dim)``; differentiable in q and k.
     Returns new contiguous ``(q_rot, k_rot)`` in the input dtype (the ``triton`` rope backend)."""
     _check(q, k, cos, sin)
     return torch.ops.nativevit.rope2d(q, k, cos, sin, False)
 
 
-def rope2d_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope2d_(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place 2D RoPE: rotates ``q`` and ``k`` where they live (e.g. inside the fused qkv buffer).
     Inference only: raises if autograd would need to see the rotation."""
     _check(q, k, cos, sin)

@@ -176,7 +176,9 @@ def _varlen_attn_fwd_kernel(
     o_off = head * stride_o_head
     _store_rows(o_ptr, acc0 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, 0, D0, HEAD_DIM, BF16_RTNE)
     if D1 > 0:
-        _store_rows(o_ptr, acc1 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, D0, D1, HEAD_DIM, BF16_RTNE)
+        _store_rows(
+            o_ptr, acc1 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, D0, D1, HEAD_DIM, BF16_RTNE
+        )
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(lse_ptr + head * stride_lse_head + rows_m, lse, mask=mask_m)
 
@@ -250,11 +252,26 @@ def _varlen_attn_bwd_dkdv_kernel(
         if D1 > 0:
             dk1 += _dot(ds_t, q1, UPCAST, PRECISION)
 
-    _store_rows(dk_ptr, dk0 * scale, rows_n, mask_n, stride_dk_tok, head * stride_dk_head, 0, D0, HEAD_DIM, BF16_RTNE)
+    _store_rows(
+        dk_ptr, dk0 * scale, rows_n, mask_n, stride_dk_tok, head * stride_dk_head, 0, D0, HEAD_DIM, BF16_RTNE
+    )
     _store_rows(dv_ptr, dv0, rows_n, mask_n, stride_dv_tok, head * stride_dv_head, 0, D0, HEAD_DIM, BF16_RTNE)
     if D1 > 0:
-        _store_rows(dk_ptr, dk1 * scale, rows_n, mask_n, stride_dk_tok, head * stride_dk_head, D0, D1, HEAD_DIM, BF16_RTNE)
-        _store_rows(dv_ptr, dv1, rows_n, mask_n, stride_dv_tok, head * stride_dv_head, D0, D1, HEAD_DIM, BF16_RTNE)
+        _store_rows(
+            dk_ptr,
+            dk1 * scale,
+            rows_n,
+            mask_n,
+            stride_dk_tok,
+            head * stride_dk_head,
+            D0,
+            D1,
+            HEAD_DIM,
+            BF16_RTNE,
+        )
+        _store_rows(
+            dv_ptr, dv1, rows_n, mask_n, stride_dv_tok, head * stride_dv_head, D0, D1, HEAD_DIM, BF16_RTNE
+        )
 
 
 @triton.jit
@@ -304,9 +321,22 @@ def _varlen_attn_bwd_dq_kernel(
         if D1 > 0:
             dq1 += _dot(ds, k1, UPCAST, PRECISION)
 
-    _store_rows(dq_ptr, dq0 * scale, rows_m, mask_m, stride_dq_tok, head * stride_dq_head, 0, D0, HEAD_DIM, BF16_RTNE)
+    _store_rows(
+        dq_ptr, dq0 * scale, rows_m, mask_m, stride_dq_tok, head * stride_dq_head, 0, D0, HEAD_DIM, BF16_RTNE
+    )
     if D1 > 0:
-        _store_rows(dq_ptr, dq1 * scale, rows_m, mask_m, stride_dq_tok, head * stride_dq_head, D0, D1, HEAD_DIM, BF16_RTNE)
+        _store_rows(
+            dq_ptr,
+            dq1 * scale,
+            rows_m,
+            mask_m,
+            stride_dq_tok,
+            head * stride_dq_head,
+            D0,
+            D1,
+            HEAD_DIM,
+            BF16_RTNE,
+        )
 
 
 # ------------------------------------------------------------------------- launch configuration
@@ -509,7 +539,9 @@ def varlen_attention(
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have stride 1 in its last dimension, got {x.stride()}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not isinstance(segments, Segments):

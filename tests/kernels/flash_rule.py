@@ -17,10 +17,14 @@ def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
 
 
-def check_rule(name: str, out: torch.Tensor, out_torch: torch.Tensor, ref: torch.Tensor, factor: float) -> float:
+def check_rule(
+    name: str, out: torch.Tensor, out_torch: torch.Tensor, ref: torch.Tensor, factor: float
+) -> float:
     """Assert the rule for one tensor; return the measured ratio err_kernel / err_torch."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values at {(~torch.isfinite(out)).nonzero()[:5].tolist()}"
+    assert torch.isfinite(out).all(), (
+        f"{name}: non-finite values at {(~torch.isfinite(out)).nonzero()[:5].tolist()}"
+    )
     err, err_torch = max_err(out, ref), max_err(out_torch, ref)
     floor = 0.5 * torch.finfo(out.dtype).eps * (ref.abs().max().item() if ref.numel() else 0.0)
     diff = (out.double() - ref.double()).abs()

@@ -1,4 +1,4 @@
-"""The encoder with the ``triton`` backends equals the ``torch`` backends, forward and backward, and trains."""
+"""The encoder with the ``triton`` backends equals the ``torch`` backends (forward, backward) and trains."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def test_outputs_and_parameter_grads_equal_torch_backend(name):
     grads_torch = dict(models["torch"].named_parameters())
     for pname, p in models["triton"].named_parameters():
         ref = grads_torch[pname].grad
-        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-5, msg=lambda m, pname=pname: f"{pname}: {m}")
+        torch.testing.assert_close(
+            p.grad, ref, rtol=1e-4, atol=1e-5, msg=lambda m, pname=pname: f"{pname}: {m}"
+        )
 
 
 def test_sgd_steps_decrease_the_loss():
@@ -65,4 +67,6 @@ def test_sgd_steps_decrease_the_loss():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert all(b < a for a, b in zip(losses, losses[1:])), f"loss did not decrease every step: {losses}"
+    assert all(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)), (
+        f"loss did not decrease every step: {losses}"
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from flash_rule import check_rule
+from nativevit.kernels import rope2d as rp
 
 import nativevit as nv
-from nativevit.kernels import rope2d as rp
 
 pytestmark = pytest.mark.skipif(
     "triton" not in nv.ops.available_backends()["rope"],
@@ -46,7 +46,7 @@ def test_forward_and_backward_match_reference(head_dim, dtype):
     grads = torch.randn(2, *q.shape, generator=torch.Generator().manual_seed(1)).to(qkv)
     outs = rp.rope2d(q, k, cos, sin)
     ref = rp.rope2d_ref(q, k, cos, sin)
-    for name, out, r, x in zip(("q", "k"), outs, ref, (q, k)):
+    for name, out, r, x in zip(("q", "k"), outs, ref, (q, k), strict=True):
         assert out.dtype == dtype and out.shape == x.shape
         check_rule(f"{name}_rot {dtype} d={head_dim}", out, r, rotate_exact(x, cos, sin), 2)
         if DEVICE == "cpu":  # the interpreter does the reference's fp32 ops in the same order
@@ -167,5 +167,5 @@ def test_cuda_image_sized(dtype):
     cos, sin = tables(80, grid)
     q, k, _ = fused_qkv(cos.shape[0], 16, 80, dtype).unbind(1)
     outs = rp.rope2d(q, k, cos, sin)
-    for out, r, x in zip(outs, rp.rope2d_ref(q, k, cos, sin), (q, k)):
+    for out, r, x in zip(outs, rp.rope2d_ref(q, k, cos, sin), (q, k), strict=True):
         check_rule(f"rope {dtype}", out, r, rotate_exact(x, cos, sin), 2)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 from flash_rule import check_rule
+from nativevit.kernels import varlen_attention as va
 
 import nativevit as nv
-from nativevit.kernels import varlen_attention as va
 
 pytestmark = pytest.mark.skipif(
     "triton" not in nv.ops.available_backends()["attention"],
@@ -53,9 +53,13 @@ def check_against_reference(lengths, heads, head_dim, dtype, *, seed=0, scale=No
     dout = torch.randn(total, heads, head_dim, generator=torch.Generator().manual_seed(seed + 1)).to(qkv)
     kernel = run(va.varlen_attention, qkv, segments, dout, scale)
     torch_same = run(va.varlen_attention_ref, qkv, segments, dout, scale)
-    exact = run(va.varlen_attention_ref, qkv.detach().double().requires_grad_(), segments, dout.double(), scale)
+    exact = run(
+        va.varlen_attention_ref, qkv.detach().double().requires_grad_(), segments, dout.double(), scale
+    )
     ratios = {}
-    for name, a, b, r, factor in zip(("out", "dq", "dk", "dv"), kernel, torch_same, exact, (2, 3, 3, 3)):
+    for name, a, b, r, factor in zip(
+        ("out", "dq", "dk", "dv"), kernel, torch_same, exact, (2, 3, 3, 3), strict=True
+    ):
         assert a.dtype == dtype, f"{name} has dtype {a.dtype}, expected {dtype}"
         ratios[name] = check_rule(f"{name} {dtype} d={head_dim} lengths={lengths}", a, b, r, factor)
     return ratios
@@ -104,7 +108,7 @@ def test_backward_is_deterministic():
     dout = torch.randn(60, 2, 80).to(qkv)
     first = run(va.varlen_attention, qkv, segments, dout, 0.1)
     second = run(va.varlen_attention, qkv, segments, dout, 0.1)
-    for a, b, name in zip(first, second, ("out", "dq", "dk", "dv")):
+    for a, b, name in zip(first, second, ("out", "dq", "dk", "dv"), strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
@@ -185,7 +189,9 @@ def test_torch_compile_fullgraph():
     segments = segments_of([11, 0, 20])
     qkv = fused_qkv(31, 2, 80, torch.float32)
     q, k, v = qkv.unbind(1)
-    compiled = torch.compile(lambda q, k, v: va.varlen_attention(q, k, v, segments), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda q, k, v: va.varlen_attention(q, k, v, segments), fullgraph=True, backend="aot_eager"
+    )
     out = compiled(q, k, v)
     out.square().sum().backward()
     grad, qkv.grad = qkv.grad.clone(), None
