@@ -93,7 +93,7 @@ def run_mode(
     resolved = "padded" if padded else _resolved_backend(backend, px, dtype)
     return ModeResult(
         "padded" if padded else "packed", resolved, rows, sum(lengths),
-        flops(model.config, lengths, padded=padded), seconds, mem.peak,
+        model.flops_per_batch(grid, padded=padded), seconds, mem.peak,
     )  # fmt: skip
 
 
@@ -141,10 +141,13 @@ def report(results: list[ModeResult], peak_flops: float, dtype_name: str) -> lis
     return lines
 
 
-def csv_rows(results: list[ModeResult], *, image_set_name: str, dtype_name: str, depth: int) -> list[dict]:
+def csv_rows(
+    results: list[ModeResult], *, image_set_name: str, dtype_name: str, depth: int, model: str = "qwen2_vl"
+) -> list[dict]:
     rows = []
+    family = "" if model == "qwen2_vl" else f"model={model};"
     for r in results:
-        shape = f"set={image_set_name};depth={depth};tokens={r.tokens};rows={r.rows}"
+        shape = f"{family}set={image_set_name};depth={depth};tokens={r.tokens};rows={r.rows}"
         common = {"benchmark": "encoder", "backend": f"{r.mode}:{r.backend}", "dtype": dtype_name, "shape": shape}
         rows += [
             {**common, "metric": "latency", "value": f"{r.seconds:.6f}", "unit": "s"},
@@ -168,7 +171,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="1 block, seed images, 1 run (a smoke test)")
     g.add_argument("--full", action="store_true", help="the 32-block tower on every image set, median of 3")
-    p.add_argument("--depth", type=int, help="number of blocks (Qwen2-VL widths; default 2, the tower has 32)")
+    p.add_argument("--depth", type=int, help="number of blocks (the family's widths; default 2, the tower has 32)")
+    p.add_argument(
+        "--model", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl",
+        help="tower family (shallow preset: its widths, --depth blocks) and its image processor",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", nargs="+", choices=sorted(IMAGE_SETS), help="image sets (default: seed)")
@@ -192,12 +199,14 @@ def run_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
 
     torch.manual_seed(args.seed)
-    cfg = VisionConfig.qwen2_vl(depth=depth)
+    if args.compare == "transformers" and args.model != "qwen2_vl":
+        raise SystemExit("--compare transformers times the Qwen2-VL tower only; use --model qwen2_vl")
+    cfg = getattr(VisionConfig, f"{args.model}_shallow")(depth=depth)
     model = NativeViT(cfg).to(device=device, dtype=dtype).eval()
-    proc = ImageProcessor(max_pixels=args.max_pixels)
+    proc = ImageProcessor.for_model(args.model, max_pixels=args.max_pixels)
     peak = benchutil.mm_peak_flops(dtype, device)
     print(
-        f"nativevit bench ({preset}): Qwen2-VL widths, {depth} block(s), {args.dtype}, {device}, "
+        f"nativevit bench ({preset}): {args.model} widths, {depth} block(s), {args.dtype}, {device}, "
         f"hardware {benchutil.hardware_name(device)}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
@@ -219,7 +228,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.compare == "transformers":
             results.append(time_transformers(model, batch, warmup=warmup, iters=iters, device=device))
         print("\n".join("  " + line for line in report(results, peak, args.dtype)))
-        all_rows += csv_rows(results, image_set_name=name, dtype_name=args.dtype, depth=depth)
+        all_rows += csv_rows(results, image_set_name=name, dtype_name=args.dtype, depth=depth, model=args.model)
     model.attn_backend = args.backend
     if not args.no_csv:
         path = benchutil.append_csv(benchutil.results_path("encoder", device), all_rows)
