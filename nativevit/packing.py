@@ -166,6 +166,8 @@ class PackedBatch:
         cu_seqlens: ``(S+1,)`` int32 segment offsets, one segment per frame (``t*h*w`` split by t).
         max_seqlen: longest segment, a host int.
         image_sizes: ``(height, width)`` of each input before resizing, when known.
+        views_per_image: with a resolution strategy (``ImageProcessor(strategy=...)``), how many
+            consecutive ``grid_thw`` rows (views) belong to each input image; None means one each.
     """
 
     pixel_values: torch.Tensor
@@ -174,6 +176,7 @@ class PackedBatch:
     max_seqlen: int
     image_sizes: list[tuple[int, int]] | None = None
     spatial_merge_size: int = 2
+    views_per_image: list[int] | None = None
 
     @classmethod
     def from_grid(
@@ -246,7 +249,20 @@ class PackedBatch:
             self.max_seqlen,
             image_sizes=self.image_sizes,
             spatial_merge_size=self.spatial_merge_size,
+            views_per_image=self.views_per_image,
         )
+
+    def split_views(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Split encoder output per input image, then per view (``split`` grouped by ``views_per_image``)."""
+        per_view = self.split(x)
+        counts = self.views_per_image if self.views_per_image is not None else [1] * len(per_view)
+        if sum(counts) != len(per_view):
+            raise ValueError(f"views_per_image sums to {sum(counts)} but the batch has {len(per_view)} views")
+        out, start = [], 0
+        for n in counts:
+            out.append(per_view[start : start + n])
+            start += n
+        return out
 
     def padded_tokens(self) -> int:
         """Rows a padded batch of the same segments holds (``S * max_seqlen``)."""

@@ -63,6 +63,11 @@ class ImageProcessor:
         image_mean, image_std: normalisation (OpenAI CLIP).
         pixel_cap: refuse any image whose resized size would exceed this many pixels.
         max_input_pixels: refuse inputs larger than this before decoding them (decompression bombs).
+        strategy: None (Qwen2-VL native, the default) or a resolution strategy of
+            ``nativevit.strategies`` (a name such as ``"llava_next"``, ``"internvl"``, or a
+            ``Strategy``): each image becomes that strategy's views (global / tiles / native), each
+            view one patch grid, and all views of all images pack into one batch; ``views_per_image``
+            and ``split_views`` map them back. ``"qwen2_vl"`` gives the default output.
 
     Call with a list whose items are images (PIL image, ``HxWx3`` uint8 array, or a path) or videos
     (a list of such frames, or a ``TxHxWx3`` uint8 array). Output order is input order.
@@ -80,6 +85,7 @@ class ImageProcessor:
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         pixel_cap: int = 16384 * 28 * 28,
         max_input_pixels: int = 1 << 28,
+        strategy=None,
     ):
         if not 0 < min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
@@ -94,6 +100,19 @@ class ImageProcessor:
         self.image_std = np.asarray(image_std, dtype=np.float32)
         self.pixel_cap = pixel_cap
         self.max_input_pixels = max_input_pixels
+        self.strategy = None
+        if strategy is not None:
+            from . import strategies
+
+            if self.factor != strategies.ENCODE_FACTOR:
+                raise ValueError(
+                    f"resolution strategies make views of multiples of {strategies.ENCODE_FACTOR} px; "
+                    f"this processor's patch_size*merge_size is {self.factor}"
+                )
+            opts = {"max_input_pixels": max_input_pixels}
+            if strategy == "qwen2_vl":
+                opts.update(min_pixels=min_pixels, max_pixels=max_pixels)
+            self.strategy = strategies.get(strategy, **(opts if isinstance(strategy, str) else {}))
 
     # ---------------------------------------------------------------- family presets
     # Each family's released ``preprocessor_config.json`` (what ``from_pretrained`` of an official
@@ -156,7 +175,11 @@ class ImageProcessor:
             path = Path(image)
             if not path.is_file():
                 raise ValueError(f"{where}: no image file at {str(path)!r}")
-            with PIL.Image.open(path) as im:
+            try:
+                im = PIL.Image.open(path)
+            except PIL.Image.DecompressionBombError as e:
+                raise ValueError(f"{where}: {path} refused as a decompression bomb ({e})") from None
+            with im:
                 self._check_input_size(im.height, im.width, where)
                 return _pil_to_rgb(im)
         if isinstance(image, PIL.Image.Image):
@@ -240,6 +263,8 @@ class ImageProcessor:
             raise TypeError(f"expected a list of images, got {type(images).__name__}")
         if len(images) == 0:
             raise ValueError("empty image list: nothing to encode")
+        if self.strategy is not None:
+            return self._pack_views(images)
         rows, grids, sizes = [], [], []
         for i, item in enumerate(images):
             r, g, s = self.preprocess(item, where=f"images[{i}]")
@@ -254,6 +279,40 @@ class ImageProcessor:
             max_seqlen=max(h * w for _, h, w in grids),
             image_sizes=sizes,
             spatial_merge_size=self.merge_size,
+        )
+
+    def _pack_views(self, images) -> PackedBatch:
+        """Each image -> its strategy's views, each resampled to its encode size; all views packed."""
+        rows, grids, sizes, counts = [], [], [], []
+        for i, item in enumerate(images):
+            where = f"images[{i}]"
+            if isinstance(item, (list, tuple)) or (isinstance(item, np.ndarray) and item.ndim == 4):
+                raise TypeError(f"{where}: strategy {self.strategy.name!r} takes still images, not videos")
+            rgb = self._load(item, where)
+            try:
+                views = self.strategy.plan(rgb)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            for v in views:
+                w, h = v.encode_size
+                if w * h > self.pixel_cap:
+                    raise ValueError(
+                        f"{where}: a {v.kind} view of {w}x{h} (WxH) px is over the pixel cap {self.pixel_cap}"
+                    )
+                normed = self._resize_normalize(np.asarray(v.image), (h, w))
+                rows.append(self._patchify(np.stack([normed] * self.temporal_patch_size)))
+                grids.append((1, h // self.patch_size, w // self.patch_size))
+            sizes.append(rgb.shape[:2])
+            counts.append(len(views))
+        grid_thw = torch.tensor(grids, dtype=torch.int64)
+        return PackedBatch(
+            pixel_values=torch.from_numpy(np.concatenate(rows)),
+            grid_thw=grid_thw,
+            cu_seqlens=cu_seqlens_from_grid(grid_thw),
+            max_seqlen=max(h * w for _, h, w in grids),
+            image_sizes=sizes,
+            spatial_merge_size=self.merge_size,
+            views_per_image=counts,
         )
 
 
