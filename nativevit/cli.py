@@ -65,11 +65,72 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tokens(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tokens", help="views, language-model tokens and encoder FLOPs of each resolution strategy, per image"
+    )
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files, or sizes written WxH (e.g. 1920x1080)"
+    )
+    p.add_argument(
+        "--strategy", action="append", default=None, help="a strategy name, or 'all' (default); repeatable"
+    )
+    p.add_argument(
+        "--model",
+        choices=["qwen2_vl", "qwen2_vl_shallow"],
+        default="qwen2_vl",
+        help="tower whose FLOPs are counted",
+    )
+    p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.set_defaults(func=run_tokens)
+
+
+def run_tokens(args: argparse.Namespace) -> int:
+    from . import strategies
+    from .config import VisionConfig
+
+    names = args.strategy or ["all"]
+    names = list(strategies.NAMES) if "all" in names else names
+    for name in names:
+        if name not in strategies.NAMES:
+            choices = ", ".join(strategies.NAMES)
+            raise SystemExit(f"nativevit tokens: unknown strategy {name!r}; choose from all, {choices}")
+    images = [strategies.parse_size(x) or x for x in args.images]
+    try:
+        rows = strategies.cost_table(images, names, getattr(VisionConfig, args.model)())
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"nativevit tokens: {e}") from None
+    head = ["image", "strategy", "views", "LM tokens", "encoder patches", "encoder GFLOPs"]
+    table = [
+        [r["image"], r["strategy"], "-", "-", "-", "refused"]
+        if r["error"]
+        else [r["image"], r["strategy"], r["views"], r["tokens"], r["patches"], f"{r['flops'] / 1e9:.1f}"]
+        for r in rows
+    ]
+    print(f"encoder FLOPs: packed {args.model} tower, forward")
+    if args.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for row in table:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+    else:
+        widths = [max(len(str(c)) for c in col) for col in zip(head, *table, strict=True)]
+        for row in [head, *table]:
+            pairs = enumerate(zip(row, widths, strict=True))
+            cells = [str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in pairs]
+            print("  ".join(cells).rstrip())
+    for r in rows:
+        if r["error"]:
+            print(f"refused: {r['image']} by {r['strategy']}: {r['error']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nativevit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_profile(sub)
+    _add_tokens(sub)
     return parser
 
 

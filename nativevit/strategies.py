@@ -665,6 +665,45 @@ def plan(name: str | Strategy, image, **options) -> list[View]:
     return get(name, **options).plan(image)
 
 
+def parse_size(text: str) -> tuple[int, int] | None:
+    """``"1920x1080"`` -> ``(1920, 1080)``; None when ``text`` is not a ``WxH`` size."""
+    parts = text.lower().split("x")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    return None
+
+
+def cost_table(images, names: Sequence[str] = NAMES, cfg=None) -> list[dict]:
+    """For each image (anything ``image_size`` reads; paths read the header only) and strategy: views,
+    language-model tokens, encoder patches and forward FLOPs of the packed Qwen2-VL encoder ``cfg``
+    (default the full Qwen2-VL tower). A strategy that refuses an image gets its reason in ``error``."""
+    from .config import VisionConfig
+    from .model import flops
+
+    cfg = cfg if cfg is not None else VisionConfig.qwen2_vl()
+    rows = []
+    for image in images:
+        w, h = image_size(image)
+        label = str(image) if isinstance(image, (str, Path)) else f"{w}x{h}"
+        for name in names:
+            row = {"image": label, "size": f"{w}x{h}", "strategy": str(name)}
+            try:
+                strategy = get(name)
+                views = strategy.layout(w, h)
+                lengths = [v.num_patches for v in views]
+                row.update(
+                    views=len(views),
+                    tokens=strategy.num_tokens(w, h),
+                    patches=sum(lengths),
+                    flops=flops(cfg, lengths)["total"],
+                    error="",
+                )
+            except ValueError as e:
+                row.update(views=0, tokens=0, patches=0, flops=0, error=str(e))
+            rows.append(row)
+    return rows
+
+
 __all__ = [
     "DeepSeekOCR",
     "InternVL",
@@ -677,9 +716,11 @@ __all__ = [
     "Strategy",
     "TokenCount",
     "View",
+    "cost_table",
     "count",
     "encode_side",
     "get",
     "num_tokens",
+    "parse_size",
     "plan",
 ]

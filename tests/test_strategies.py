@@ -438,3 +438,23 @@ def test_bad_arguments():
         nv.ImageProcessor(strategy="internvl")([[_random_image(64, 64)] * 2])
     with pytest.raises(ValueError, match="patch_size"):
         nv.ImageProcessor(strategy="internvl", patch_size=16)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_tokens_table(tmp_path, capsys):
+    from nativevit.cli import main
+    from nativevit.model import flops
+
+    path = tmp_path / "page.png"
+    PIL.Image.new("RGB", (1920, 1080)).save(path)
+    assert main(["tokens", str(path), "7300x100", "--strategy", "internvl", "--strategy", "llava_next"]) == 0
+    out = capsys.readouterr().out
+    # InternVL at 1920x1080: 4x2 tiles + thumbnail (tiling.md §3), each 448 px = 32x32 encoder patches
+    gflops = flops(nv.VisionConfig.qwen2_vl(), [32 * 32] * 9)["total"] / 1e9
+    row = next(line.split() for line in out.splitlines() if line.startswith(str(path)) and "internvl" in line)
+    assert row[2:] == ["9", "2306", str(9 * 1024), f"{gflops:.1f}"]
+    assert "refused: 7300x100 by llava_next" in out and "too elongated" in out
+    with pytest.raises(SystemExit, match="unknown strategy"):
+        main(["tokens", "100x100", "--strategy", "llava2"])
