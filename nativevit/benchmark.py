@@ -171,7 +171,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="1 block, seed images, 1 run (a smoke test)")
     g.add_argument("--full", action="store_true", help="the 32-block tower on every image set, median of 3")
-    p.add_argument("--depth", type=int, help="number of blocks (the family's widths; default 2, the tower has 32)")
+    p.add_argument("--depth", type=int, help="blocks (the family's widths; default 2, the towers have 27-32)")
     p.add_argument(
         "--model", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl",
         help="tower family (shallow preset: its widths, --depth blocks) and its image processor",
@@ -228,7 +228,9 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.compare == "transformers":
             results.append(time_transformers(model, batch, warmup=warmup, iters=iters, device=device))
         print("\n".join("  " + line for line in report(results, peak, args.dtype)))
-        all_rows += csv_rows(results, image_set_name=name, dtype_name=args.dtype, depth=depth, model=args.model)
+        all_rows += csv_rows(
+            results, image_set_name=name, dtype_name=args.dtype, depth=depth, model=args.model
+        )
     model.attn_backend = args.backend
     if not args.no_csv:
         path = benchutil.append_csv(benchutil.results_path("encoder", device), all_rows)

@@ -1,12 +1,13 @@
 """Checkpoint directories: read them as released, write them the same way. safetensors only.
 
-A released Qwen2-VL, Qwen2.5-VL or Qwen3-VL directory holds ``config.json`` (the tower described by ``vision_config``, in the
-release's field names) and either ``model.safetensors`` or shards listed by
+A released Qwen2-VL, Qwen2.5-VL or Qwen3-VL directory holds ``config.json`` (the tower described by
+``vision_config``, in the release's field names) and either ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json``. Tower tensors are keyed ``visual.*`` (Hub files) or ``model.visual.*``
 (transformers 5 in-memory names, and the Qwen3-VL Hub files); the top-level ``model_type``
-picks the family, and so the meaning of the ``vision_config`` fields; every other key (the language model) is ignored and its shards are
-never opened. A vision-only directory (transformers' ``Qwen2VisionTransformerPretrainedModel
-.save_pretrained``: tower fields at the top level of config.json, unprefixed keys) loads too.
+picks the family, and so the meaning of the ``vision_config`` fields; every other key (the language
+model) is ignored and its shards are never opened. A vision-only directory (the towers' own
+``save_pretrained`` in transformers: tower fields at the top level of config.json, ``model_type``
+``qwen2_vl_vision`` / ``qwen2_5_vl_vision`` / ``qwen3_vl_vision``, unprefixed keys) loads too.
 
 Nothing here unpickles: ``.bin``/``.pt`` files are refused.
 """

@@ -106,7 +106,7 @@ class VisionConfig:
         if self.patch_bias is None:
             self.patch_bias = self.model_type == "qwen3_vl"
         if self.norm_type not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"VisionConfig.norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
+            raise ValueError(f"VisionConfig.norm_type must be 'layernorm' or 'rmsnorm': {self.norm_type!r}")
         if self.mlp_type not in ("mlp", "swiglu"):
             raise ValueError(f"VisionConfig.mlp_type must be 'mlp' or 'swiglu', got {self.mlp_type!r}")
         for name in ("intermediate_size",):
@@ -150,9 +150,9 @@ class VisionConfig:
         for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)):
-                raise TypeError(f"VisionConfig.{name} must be a list or tuple of block indexes, got {value!r}")
+                raise TypeError(f"VisionConfig.{name} must be a list or tuple of block indexes: {value!r}")
             value = tuple(value)
-            bad = [i for i in value if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.depth]
+            bad = [i for i in value if type(i) is not int or not 0 <= i < self.depth]
             if bad:
                 raise ValueError(f"VisionConfig.{name} has entries outside blocks 0..{self.depth - 1}: {bad}")
             if len(set(value)) != len(value):
@@ -295,7 +295,7 @@ class VisionConfig:
             raise TypeError(f"vision_config must be a dict, got {type(vision_config).__name__}")
         family = model_type or _family(vision_config.get("model_type")) or "qwen2_vl"
         if family not in MODEL_TYPES:
-            raise ValueError(f"model_type {family!r} is not a supported vision tower family; expected {MODEL_TYPES}")
+            raise ValueError(f"model_type {family!r} is not a supported tower family; expected {MODEL_TYPES}")
         fields = {f.name for f in dataclasses.fields(cls)} - {
             "model_type", "norm_type", "mlp_type", "patch_bias", "norm_eps", "rope_theta", "embed_dim",
         }

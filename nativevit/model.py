@@ -75,17 +75,24 @@ class PatchEmbed(nn.Module):
     """
 
     def __init__(
-        self, *, patch_dim: int, embed_dim: int, in_channels: int, temporal: int, patch: int, bias: bool = False
+        self,
+        *,
+        patch_dim: int,
+        embed_dim: int,
+        in_channels: int,
+        temporal: int,
+        patch: int,
+        bias: bool = False,
     ):
         super().__init__()
-        self.proj = nn.Conv3d(
-            in_channels, embed_dim, kernel_size=(temporal, patch, patch), stride=(temporal, patch, patch), bias=bias
-        )
+        kernel = (temporal, patch, patch)
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=bias)
         self.patch_dim = patch_dim
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
-        return F.linear(pixel_values.to(weight.dtype), weight.view(weight.shape[0], -1), self.proj.bias)  # (N, D)
+        x = pixel_values.to(weight.dtype)
+        return F.linear(x, weight.view(weight.shape[0], -1), self.proj.bias)  # (N, D)
 
 
 class Attention(nn.Module):
@@ -246,8 +253,10 @@ def window_partition(
     for t, h, w in grid_thw:
         lh, lw = h // merge_size, w // merge_size
         nh, nw = -(-lh // window), -(-lw // window)
-        idx = F.pad(torch.arange(t * lh * lw).view(t, lh, lw), (0, nw * window - lw, 0, nh * window - lh), value=-1)
-        tiles = idx.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(t * nh * nw, window * window)
+        idx = torch.arange(t * lh * lw).view(t, lh, lw)
+        idx = F.pad(idx, (0, nw * window - lw, 0, nh * window - lh), value=-1)  # -1: outside the frame
+        # (t, nh, window, nw, window) -> one row per tile, raster over tiles, raster inside
+        tiles = idx.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(-1, window * window)
         valid = tiles >= 0
         orders.append(tiles[valid] + offset)
         lengths.extend((valid.sum(1) * merge_size**2).tolist())
@@ -351,7 +360,10 @@ class NativeViT(nn.Module):
             [Block(cfg, attn_backend=attn_backend, rope_backend=rope_backend) for _ in range(cfg.depth)]
         )
         merger = dict(
-            dim=cfg.embed_dim, out_dim=cfg.out_hidden_size, merge_size=cfg.spatial_merge_size, eps=cfg.norm_eps,
+            dim=cfg.embed_dim,
+            out_dim=cfg.out_hidden_size,
+            merge_size=cfg.spatial_merge_size,
+            eps=cfg.norm_eps,
             norm=cfg.norm_type,
         )
         if cfg.model_type == "qwen3_vl":
@@ -454,7 +466,8 @@ class NativeViT(nn.Module):
         grid = self._check_inputs(pixel_values, grid_thw)
         x = self.patch_embed(pixel_values)
         if self.pos_embed is not None:
-            index, weight = position_table_taps(grid, math.isqrt(cfg.num_position_embeddings), cfg.spatial_merge_size)
+            side = math.isqrt(cfg.num_position_embeddings)
+            index, weight = position_table_taps(grid, side, cfg.spatial_merge_size)
             table = self.pos_embed(index.to(x.device)) * weight.to(x.device)[:, :, None]  # (N, 4, D)
             x = x + table.sum(1).to(x.dtype)
         segments = Segments.from_grid(grid, x.device)
@@ -505,10 +518,12 @@ class NativeViT(nn.Module):
         """Forward FLOPs of a batch, by term (see :func:`flops`); ``padded`` for the padded baseline."""
         cfg = self.config
         grid = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
-        window_lengths = None
+        lengths = [h * w for t, h, w in grid for _ in range(t)]
+        windows = None
         if any(cfg.windowed_blocks):
-            window_lengths = list(window_partition(grid, window=cfg.window_tokens, merge_size=cfg.spatial_merge_size)[1])
-        return flops(cfg, [h * w for t, h, w in grid for _ in range(t)], padded=padded, window_lengths=window_lengths)
+            merge = cfg.spatial_merge_size
+            windows = list(window_partition(grid, window=cfg.window_tokens, merge_size=merge)[1])
+        return flops(cfg, lengths, padded=padded, window_lengths=windows)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -530,7 +545,8 @@ class NativeViT(nn.Module):
         )
 
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
-        """Write ``config.json`` (with a Qwen2-VL ``vision_config``) and safetensors shards, keys under ``visual.``."""
+        """Write the family's release layout: ``config.json`` (top-level ``model_type``, ``vision_config``
+        in the release's field names) and safetensors shards, keys under ``visual.`` / ``model.visual.``."""
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

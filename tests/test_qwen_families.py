@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 from safetensors.torch import save_file
 
 import nativevit as nv
 from nativevit import ops
 from nativevit.model import WindowLayout, position_table_taps, window_partition
 from nativevit.rope import rope_position_ids
-
-from conftest import rel_err
 
 # 14-px grids (Qwen2.5-VL windows are 8x8 patches): smaller than a window (4x4, 2x2), an edge window
 # (6x10), exactly two windows (16x8: the release pads a divisible side with an empty window), not
@@ -47,8 +46,14 @@ def hf_qwen2_5(seed: int = 0):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     cfg = Qwen2_5_VLVisionConfig(
-        depth=4, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=48,
-        fullatt_block_indexes=[1, 3], window_size=112, attn_implementation="sdpa",
+        depth=4,
+        hidden_size=64,
+        num_heads=4,
+        intermediate_size=96,
+        out_hidden_size=48,
+        fullatt_block_indexes=[1, 3],
+        window_size=112,
+        attn_implementation="sdpa",
     )
     return rerandomise(Qwen2_5_VisionTransformerPretrainedModel(cfg).double().eval(), seed)
 
@@ -58,8 +63,15 @@ def hf_qwen3(seed: int = 0):
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
     cfg = Qwen3VLVisionConfig(
-        depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=40,
-        num_position_embeddings=64, deepstack_visual_indexes=[0, 2], patch_size=16, attn_implementation="sdpa",
+        depth=3,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=48,
+        out_hidden_size=40,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 2],
+        patch_size=16,
+        attn_implementation="sdpa",
     )
     return rerandomise(Qwen3VLVisionModel(cfg).double().eval(), seed)
 
@@ -68,18 +80,32 @@ def release_vision_config(hf_model) -> tuple[str, dict]:
     """``(model_type, vision_config)`` with the field names (and ignored extras) of the Hub releases."""
     c = hf_model.config
     common = {
-        "depth": c.depth, "hidden_act": c.hidden_act, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_heads": c.num_heads, "out_hidden_size": c.out_hidden_size,
-        "patch_size": c.patch_size, "spatial_merge_size": c.spatial_merge_size,
+        "depth": c.depth,
+        "hidden_act": c.hidden_act,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_heads": c.num_heads,
+        "out_hidden_size": c.out_hidden_size,
+        "patch_size": c.patch_size,
+        "spatial_merge_size": c.spatial_merge_size,
         "temporal_patch_size": c.temporal_patch_size,
     }
     if c.model_type == "qwen2_5_vl_vision":
-        extra = {"in_chans": 3, "spatial_patch_size": c.patch_size, "tokens_per_second": 2,
-                 "window_size": c.window_size, "fullatt_block_indexes": list(c.fullatt_block_indexes)}
+        extra = {
+            "in_chans": 3,
+            "spatial_patch_size": c.patch_size,
+            "tokens_per_second": 2,
+            "window_size": c.window_size,
+            "fullatt_block_indexes": list(c.fullatt_block_indexes),
+        }
         return "qwen2_5_vl", {**common, **extra}
-    extra = {"model_type": "qwen3_vl", "in_channels": 3, "initializer_range": 0.02,
-             "num_position_embeddings": c.num_position_embeddings,
-             "deepstack_visual_indexes": list(c.deepstack_visual_indexes)}
+    extra = {
+        "model_type": "qwen3_vl",
+        "in_channels": 3,
+        "initializer_range": 0.02,
+        "num_position_embeddings": c.num_position_embeddings,
+        "deepstack_visual_indexes": list(c.deepstack_visual_indexes),
+    }
     return "qwen3_vl", {**common, **extra}
 
 
@@ -111,7 +137,8 @@ def write_release(hf_model, path: Path, *, prefix: str, n_shards: int = 2) -> Pa
 
 def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> str:
     diff = (ours - ref).abs()
-    return f"{name}: rel err {rel_err(ours, ref):.3e}, max |diff| {diff.max():.3e} at row {diff.amax(-1).argmax()}"
+    where = diff.amax(-1).argmax()
+    return f"{name}: rel err {rel_err(ours, ref):.3e}, max |diff| {diff.max():.3e} at row {where}"
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +153,9 @@ def hf3():
 
 @pytest.fixture(scope="module")
 def ours25(hf25, tmp_path_factory):
-    return nv.NativeViT.from_pretrained(write_release(hf25, tmp_path_factory.mktemp("q25"), prefix="visual."),
-                                        attn_backend="torch")
+    return nv.NativeViT.from_pretrained(
+        write_release(hf25, tmp_path_factory.mktemp("q25"), prefix="visual."), attn_backend="torch"
+    )
 
 
 # ----------------------------------------------------------------------------- Qwen2.5-VL
@@ -152,8 +180,15 @@ def test_window_layout_matches_transformers(grid):
 def test_qwen2_5_parity_fp64(hf25, tmp_path, prefix):
     from transformers.vision_utils import get_vision_window_index
 
-    model = nv.NativeViT.from_pretrained(write_release(hf25, tmp_path / "ckpt", prefix=prefix), attn_backend="torch")
-    assert model.config.model_type == "qwen2_5_vl" and model.config.windowed_blocks == (True, False, True, False)
+    model = nv.NativeViT.from_pretrained(
+        write_release(hf25, tmp_path / "ckpt", prefix=prefix), attn_backend="torch"
+    )
+    assert model.config.model_type == "qwen2_5_vl" and model.config.windowed_blocks == (
+        True,
+        False,
+        True,
+        False,
+    )
     grid = torch.tensor(GRID_25)
     px = pixels(GRID_25, 3 * 2 * 14 * 14)
     with torch.no_grad():
@@ -235,17 +270,23 @@ def test_padded_baseline_runs_windowed_layers_on_windows(ours25, monkeypatch):
     packed_calls, padded_calls = calls[:4], calls[4:]
     n = sum(frames)
     assert packed_calls == [(False, 64, len(windows), n), (False, max(frames), len(frames), n)] * 2
-    assert padded_calls == [
-        (True, 64, len(windows), 64 * len(windows)),
-        (True, max(frames), len(frames), max(frames) * len(frames)),
-    ] * 2
+    assert (
+        padded_calls
+        == [
+            (True, 64, len(windows), 64 * len(windows)),
+            (True, max(frames), len(frames), max(frames) * len(frames)),
+        ]
+        * 2
+    )
 
 
 def test_flops_count_window_attention(ours25):
     from transformers.vision_utils import get_vision_window_index
 
     cfg = ours25.config
-    _, cu = get_vision_window_index(torch.tensor(GRID_25), spatial_merge_size=2, window_size=112, patch_size=14)
+    _, cu = get_vision_window_index(
+        torch.tensor(GRID_25), spatial_merge_size=2, window_size=112, patch_size=14
+    )
     windows = (cu[1:] - cu[:-1]).tolist()
     frames = [h * w for t, h, w in GRID_25 for _ in range(t)]
     d = cfg.embed_dim
@@ -259,10 +300,16 @@ def test_flops_count_window_attention(ours25):
 
 
 def test_qwen3_parity_fp64_with_deepstack(hf3, tmp_path):
-    model = nv.NativeViT.from_pretrained(write_release(hf3, tmp_path / "ckpt", prefix="model.visual."),
-                                         attn_backend="torch")
+    model = nv.NativeViT.from_pretrained(
+        write_release(hf3, tmp_path / "ckpt", prefix="model.visual."), attn_backend="torch"
+    )
     cfg = model.config
-    assert (cfg.model_type, cfg.patch_size, cfg.patch_bias, cfg.deepstack_visual_indexes) == ("qwen3_vl", 16, True, (0, 2))
+    assert (cfg.model_type, cfg.patch_size, cfg.patch_bias, cfg.deepstack_visual_indexes) == (
+        "qwen3_vl",
+        16,
+        True,
+        (0, 2),
+    )
     grid = torch.tensor(GRID_3)
     px = pixels(GRID_3, 3 * 2 * 16 * 16)
     with torch.no_grad():
@@ -271,10 +318,12 @@ def test_qwen3_parity_fp64_with_deepstack(hf3, tmp_path):
         feats = model.forward_features(px, grid)
         plain = model(px, grid)
     assert rel_err(tokens, ref.pooler_output) < 1e-10, report("pooler_output", tokens, ref.pooler_output)
-    assert rel_err(feats, ref.last_hidden_state) < 1e-10, report("last_hidden_state", feats, ref.last_hidden_state)
+    assert rel_err(feats, ref.last_hidden_state) < 1e-10, report(
+        "last_hidden_state", feats, ref.last_hidden_state
+    )
     assert torch.equal(plain, tokens)
     assert len(deepstack) == len(ref.deepstack_features) == 2
-    for i, (a, b) in enumerate(zip(deepstack, ref.deepstack_features)):
+    for i, (a, b) in enumerate(zip(deepstack, ref.deepstack_features, strict=True)):
         assert a.shape == b.shape == tokens.shape
         assert rel_err(a, b) < 1e-10, report(f"deepstack[{i}]", a, b)
 
@@ -346,6 +395,19 @@ def test_checkpoint_round_trip_in_the_release_layout(family, tmp_path):
     assert rel_err(ours, ref) < 1e-10, report("pooler_output", ours, ref)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_vision_only_directories_load(family, hf25, hf3, tmp_path):
+    """The towers' own transformers save_pretrained layout (model_type ``*_vision``, unprefixed keys)."""
+    hf, grid, patch = (hf25, GRID_25, 14) if family == "qwen2_5_vl" else (hf3, GRID_3, 16)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family + "_vision"
+    model = nv.NativeViT.from_pretrained(tmp_path, attn_backend="torch")
+    px = pixels(grid, 3 * 2 * patch * patch, seed=7)
+    with torch.no_grad():
+        ours, ref = model(px, torch.tensor(grid)), hf(px, grid_thw=torch.tensor(grid)).pooler_output
+    assert rel_err(ours, ref) < 1e-10, report("pooler_output", ours, ref)
+
+
 def test_loader_rejects_unknown_family_and_foreign_fields(hf25, tmp_path):
     path = write_release(hf25, tmp_path / "ckpt", prefix="visual.")
     config = json.loads((path / "config.json").read_text())
@@ -363,15 +425,36 @@ def test_loader_rejects_unknown_family_and_foreign_fields(hf25, tmp_path):
 
 # vision_config of the Hub releases (Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct)
 QWEN2_5_VL_7B = {
-    "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-    "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
-    "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2,
+    "depth": 32,
+    "hidden_act": "silu",
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_chans": 3,
+    "out_hidden_size": 3584,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "spatial_patch_size": 14,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "temporal_patch_size": 2,
 }
 QWEN3_VL_8B = {
-    "deepstack_visual_indexes": [8, 16, 24], "depth": 27, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152,
-    "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4304, "model_type": "qwen3_vl",
-    "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 4096, "patch_size": 16,
-    "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "deepstack_visual_indexes": [8, 16, 24],
+    "depth": 27,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "in_channels": 3,
+    "initializer_range": 0.02,
+    "intermediate_size": 4304,
+    "model_type": "qwen3_vl",
+    "num_heads": 16,
+    "num_position_embeddings": 2304,
+    "out_hidden_size": 4096,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
 }
 
 
@@ -402,10 +485,18 @@ def test_param_counts_match_the_releases():
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
     cases = [
-        (nv.VisionConfig.qwen2_5_vl(), Qwen2_5_VisionTransformerPretrainedModel,
-         Qwen2_5_VLVisionConfig(**{k: v for k, v in QWEN2_5_VL_7B.items() if k not in ("in_chans", "spatial_patch_size")})),
-        (nv.VisionConfig.qwen3_vl(), Qwen3VLVisionModel,
-         Qwen3VLVisionConfig(**{k: v for k, v in QWEN3_VL_8B.items() if k != "model_type"})),
+        (
+            nv.VisionConfig.qwen2_5_vl(),
+            Qwen2_5_VisionTransformerPretrainedModel,
+            Qwen2_5_VLVisionConfig(
+                **{k: v for k, v in QWEN2_5_VL_7B.items() if k not in ("in_chans", "spatial_patch_size")}
+            ),
+        ),
+        (
+            nv.VisionConfig.qwen3_vl(),
+            Qwen3VLVisionModel,
+            Qwen3VLVisionConfig(**{k: v for k, v in QWEN3_VL_8B.items() if k != "model_type"}),
+        ),
     ]
     for cfg, hf_cls, hf_cfg in cases:
         with torch.device("meta"):
@@ -450,8 +541,16 @@ def test_processor_presets_match_transformers_pil():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(300, 410), (90, 1000)]]
     cases = [
-        (nv.ImageProcessor.qwen3_vl(), dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                            min_pixels=65536, max_pixels=16777216)),
+        (
+            nv.ImageProcessor.qwen3_vl(),
+            dict(
+                patch_size=16,
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
+                min_pixels=65536,
+                max_pixels=16777216,
+            ),
+        ),
         (nv.ImageProcessor.qwen2_5_vl(), dict(patch_size=14, min_pixels=3136, max_pixels=12845056)),
     ]
     for ours, hf_kwargs in cases:
