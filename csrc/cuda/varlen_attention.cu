@@ -1,0 +1,128 @@
+// Varlen block-diagonal attention forward on CUDA: simple and reviewable, not tuned.
+//
+// One thread per query row, a block of kThreads consecutive rows of one (segment, head); K and V
+// tiles of BLOCK_N keys are staged in shared memory as fp32 and every thread runs the online
+// softmax (running max m, running sum l, fp32 accumulator) over them, key by key. Segments come from
+// cu_seqlens on the device: no mask is built and nothing crosses a segment boundary. Rows beyond
+// gridDim.x * kThreads (a max_seqlen that undercounts) are covered by a grid-stride loop, and every
+// global index is checked against the segment and the token count.
+#include <math_constants.h>
+
+#include "common.cuh"
+
+namespace nativevit {
+namespace {
+
+constexpr int kThreads = 64;
+
+template <typename T, int HEAD_DIM_MAX>
+__global__ void varlen_attention_fwd_kernel(const T* __restrict__ q, int64_t stride_q_tok, int64_t stride_q_head,
+                                            const T* __restrict__ k, int64_t stride_k_tok, int64_t stride_k_head,
+                                            const T* __restrict__ v, int64_t stride_v_tok, int64_t stride_v_head,
+                                            T* __restrict__ out, const int32_t* __restrict__ cu_seqlens,
+                                            int64_t num_segments, int64_t total, int64_t heads, int64_t head_dim,
+                                            float scale) {
+  constexpr int BLOCK_N = 4096 / HEAD_DIM_MAX;  // 32 KiB of K+V tiles in shared memory
+  __shared__ float k_tile[BLOCK_N][HEAD_DIM_MAX];
+  __shared__ float v_tile[BLOCK_N][HEAD_DIM_MAX];
+
+  const int64_t head = blockIdx.z;
+  if (head >= heads) return;  // uniform over the block
+  for (int64_t seg = blockIdx.y; seg < num_segments; seg += gridDim.y) {
+    const int64_t start = cu_seqlens[seg];
+    const int64_t end = cu_seqlens[seg + 1];
+    if (start < 0 || end < start || end > total) continue;  // malformed offsets: uniform skip, never read out of range
+    const int64_t n = end - start;
+    for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * kThreads; row0 < n;
+         row0 += static_cast<int64_t>(gridDim.x) * kThreads) {
+      const int64_t row = row0 + threadIdx.x;
+      const bool active = row < n;
+      float q_row[HEAD_DIM_MAX];
+      float acc[HEAD_DIM_MAX];
+#pragma unroll
+      for (int d = 0; d < HEAD_DIM_MAX; ++d) {
+        q_row[d] = (active && d < head_dim) ? to_float(q[(start + row) * stride_q_tok + head * stride_q_head + d]) : 0.f;
+        acc[d] = 0.f;
+      }
+      float m = -CUDART_INF_F;
+      float l = 0.f;
+      for (int64_t kb = 0; kb < n; kb += BLOCK_N) {
+        const int64_t kn = n - kb < BLOCK_N ? n - kb : BLOCK_N;
+        __syncthreads();  // the previous tile is no longer read
+        for (int idx = threadIdx.x; idx < BLOCK_N * HEAD_DIM_MAX; idx += kThreads) {
+          const int j = idx / HEAD_DIM_MAX;
+          const int d = idx % HEAD_DIM_MAX;
+          const bool ok = j < kn && d < head_dim;
+          const int64_t tok = start + kb + j;
+          k_tile[j][d] = ok ? to_float(k[tok * stride_k_tok + head * stride_k_head + d]) : 0.f;
+          v_tile[j][d] = ok ? to_float(v[tok * stride_v_tok + head * stride_v_head + d]) : 0.f;
+        }
+        __syncthreads();
+        if (active) {
+          // per-key online softmax: two expf per key, but no unrolled key loop (nvcc compiles this in
+          // seconds; unrolling keys x head_dim took minutes per instantiation)
+          for (int j = 0; j < kn; ++j) {
+            float dot = 0.f;
+#pragma unroll
+            for (int d = 0; d < HEAD_DIM_MAX; ++d) dot += q_row[d] * k_tile[j][d];
+            const float s = dot * scale;
+            const float m_new = fmaxf(m, s);
+            const float correction = expf(m - m_new);  // 0 for the first key (m = -inf)
+            const float p = expf(s - m_new);
+            l = l * correction + p;
+#pragma unroll
+            for (int d = 0; d < HEAD_DIM_MAX; ++d) acc[d] = acc[d] * correction + p * v_tile[j][d];
+            m = m_new;
+          }
+        }
+      }
+      if (active) {
+        T* o = out + ((start + row) * heads + head) * head_dim;
+        const float inv_l = 1.f / l;  // l >= 1: the row maximum contributes exp(0)
+#pragma unroll
+        for (int d = 0; d < HEAD_DIM_MAX; ++d) {
+          if (d < head_dim) o[d] = from_float<T>(acc[d] * inv_l);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int HEAD_DIM_MAX>
+int launch(const void* q, int64_t sq_tok, int64_t sq_head, const void* k, int64_t sk_tok, int64_t sk_head,
+           const void* v, int64_t sv_tok, int64_t sv_head, void* out, const int32_t* cu_seqlens,
+           int64_t num_segments, int64_t total, int64_t heads, int64_t head_dim, int64_t max_seqlen, float scale,
+           cudaStream_t stream) {
+  const dim3 grid(grid_size(max_seqlen, kThreads, 65535), static_cast<unsigned int>(num_segments < 65535 ? num_segments : 65535),
+                  static_cast<unsigned int>(heads));
+  varlen_attention_fwd_kernel<T, HEAD_DIM_MAX><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(q), sq_tok, sq_head, static_cast<const T*>(k), sk_tok, sk_head, static_cast<const T*>(v),
+      sv_tok, sv_head, static_cast<T*>(out), cu_seqlens, num_segments, total, heads, head_dim, scale);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int varlen_attention_fwd_cuda_launch(DType dtype, const void* q, int64_t stride_q_tok, int64_t stride_q_head,
+                                     const void* k, int64_t stride_k_tok, int64_t stride_k_head,
+                                     const void* v, int64_t stride_v_tok, int64_t stride_v_head, void* out,
+                                     const int32_t* cu_seqlens, int64_t num_segments, int64_t total,
+                                     int64_t heads, int64_t head_dim, int64_t max_seqlen, float scale,
+                                     void* stream) {
+  if (total == 0 || num_segments == 0) return static_cast<int>(cudaSuccess);
+  if (head_dim < 1 || head_dim > 256 || heads < 1 || heads > 65535) return static_cast<int>(cudaErrorInvalidValue);
+  const auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (head_dim <= 64)
+      return launch<T, 64>(q, stride_q_tok, stride_q_head, k, stride_k_tok, stride_k_head, v, stride_v_tok,
+                           stride_v_head, out, cu_seqlens, num_segments, total, heads, head_dim, max_seqlen, scale, s);
+    if (head_dim <= 128)
+      return launch<T, 128>(q, stride_q_tok, stride_q_head, k, stride_k_tok, stride_k_head, v, stride_v_tok,
+                            stride_v_head, out, cu_seqlens, num_segments, total, heads, head_dim, max_seqlen, scale, s);
+    return launch<T, 256>(q, stride_q_tok, stride_q_head, k, stride_k_tok, stride_k_head, v, stride_v_tok,
+                          stride_v_head, out, cu_seqlens, num_segments, total, heads, head_dim, max_seqlen, scale, s);
+  });
+}
+
+}  // namespace nativevit
