@@ -328,3 +328,45 @@ def test_training_mode_refuses_per_sample_regularisers():
 
 def test_is_exported():
     assert isinstance(nv.from_timm(tiny("vit_base_patch16_siglip_224", img_size=32)), TimmPackedEncoder)
+
+
+def test_llava_next_tiles_through_clip_l14_336_in_one_packed_batch():
+    """Strategies x encoders: LLaVA-NeXT AnyRes views (squashed base + 336 px tiles) of two images of
+    different aspect through a CLIP-L/14-336 architecture (width/depth shrunk), all views in one
+    packed batch, LLaVA's feature choice (penultimate block, class token dropped)."""
+    import numpy as np
+    from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from nativevit import strategies
+
+    model = tiny("vit_large_patch14_clip_336", depth=3)  # native 336 px = 24x24 patches of 14
+    enc = nv.from_timm(model, layer=-2, prefix_tokens=False, attn_backend="torch")
+    rng = np.random.default_rng(0)
+    pictures = [
+        rng.integers(0, 256, (500, 1000, 3), dtype=np.uint8),
+        rng.integers(0, 256, (900, 400, 3), dtype=np.uint8),
+    ]
+    views = [v for pic in pictures for v in strategies.plan("llava_next", pic)]
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=torch.float64)[:, None, None]
+    pixels = [
+        (torch.from_numpy(np.array(v.image)).permute(2, 0, 1).double() / 255 - mean) / std for v in views
+    ]
+    llava = strategies.get("llava_next")
+    expected_views = sum(
+        1 + cols * rows for cols, rows in (llava.canvas(p.shape[1], p.shape[0]) for p in pictures)
+    )
+    assert len(views) == expected_views and all(p.shape == (3, 336, 336) for p in pixels)
+
+    rows, grids = enc.patchify(pixels)
+    _, segments = enc(rows, grids)
+    assert segments.num_segments == len(views) and segments.lengths == (1 + 24 * 24,) * len(views)
+
+    out = enc.forward_images(pixels)
+    with torch.no_grad():
+        for i, px in enumerate(pixels):
+            (ref,) = model.forward_intermediates(
+                px[None], indices=[-2], norm=False, output_fmt="NLC", intermediates_only=True
+            )
+            assert out[i].shape == (576, 64)
+            assert_close(out[i], ref[0], FP64_TOL, f"llava_next view {i} ({views[i].kind} {views[i].tile})")
