@@ -368,14 +368,11 @@ def work_items(segments: Segments, block: int) -> torch.Tensor:
     key = ("nativevit.kernels.varlen_attention.work", block, device)
     cached = segments._pad_cache.get(key)
     if cached is None:
-        lengths = torch.tensor(segments.lengths, dtype=torch.long)
-        n_blocks = (lengths + block - 1) // block
-        order = torch.argsort(lengths, descending=True, stable=True)
-        counts = n_blocks[order]
-        seg = torch.repeat_interleave(order, counts)
-        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        blk = torch.arange(seg.numel()) - first
-        cached = torch.stack([seg, blk], dim=1).to(torch.int32).to(device)
+        # plain Python over host ints: cheap (one item per block) and traceable by torch.compile
+        lengths = segments.lengths
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep batch order
+        items = [(s, b) for s in order for b in range(-(-lengths[s] // block))]
+        cached = torch.tensor(items, dtype=torch.int32).view(-1, 2).to(device)
         segments._pad_cache[key] = cached
     return cached
 

@@ -70,3 +70,27 @@ def test_sgd_steps_decrease_the_loss():
     assert all(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)), (
         f"loss did not decrease every step: {losses}"
     )
+
+
+@pytest.mark.slow  # ~12 s: dynamo + AOT autograd tracing of a whole block
+def test_block_traces_fullgraph_with_torch_compile():
+    """One encoder block (norms, qkv, rope, varlen attention, MLP) compiles with no graph break,
+    including the first call on a new batch (the work list is built inside the trace)."""
+    from nativevit.model import Block
+
+    cfg = nv.VisionConfig.tiny(**{k: v for k, v in CONFIGS["hd80"].items() if k != "out_hidden_size"})
+    torch.manual_seed(0)
+    blocks = {b: Block(cfg, attn_backend=b, rope_backend=b).to(DEVICE) for b in ("triton", "torch")}
+    blocks["torch"].load_state_dict(blocks["triton"].state_dict())
+    grid = [tuple(r) for r in GRID.tolist()]
+    segments = nv.Segments.from_grid(grid, DEVICE)
+    cos, sin = nv.rope.rope_cos_sin(grid, cfg.embed_dim // cfg.num_heads, device=DEVICE)
+    x = torch.randn(segments.total, cfg.embed_dim, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(blocks["triton"], fullgraph=True, backend="aot_eager")
+    out = compiled(x, segments, cos, sin)
+    out.square().sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    ref = blocks["torch"](x, segments, cos, sin)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-5)
