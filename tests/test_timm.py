@@ -195,6 +195,34 @@ def test_every_available_attention_backend_serves_the_encoder():
     assert {"torch", "padded"} <= set(ran), ran
 
 
+def test_bf16_backends_within_twice_the_torch_error():
+    """bf16 encoder, every available backend that takes bf16: error vs the fp64 result at most twice
+    that of the torch backend in bf16 (FlashAttention's rule), plus a small floor."""
+    name, kwargs, patch = VIT_CASES["dinov2"]
+    model = tiny(name, dynamic_img_size=True, **kwargs)
+    imgs = images(GRIDS, patch, seed=17)
+    ref = nv.from_timm(model, attn_backend="torch").forward_images(imgs)
+    model.bfloat16()
+    imgs = [i.bfloat16() for i in imgs]
+    probe = torch.empty(
+        1, model.blocks[0].attn.num_heads, model.blocks[0].attn.head_dim, dtype=torch.bfloat16
+    )
+
+    def errors(backend):
+        out = nv.from_timm(model, attn_backend=backend).forward_images(imgs)
+        return [rel_err(o.double(), r) for o, r in zip(out, ref, strict=True)]
+
+    base = errors("torch")
+    assert max(base) < 0.05, base  # bf16 is bf16, not garbage
+    for backend in ops.available_backends("cpu")["attention"]:
+        try:
+            ops.resolve_backend("attention", backend, probe)
+        except RuntimeError:
+            continue
+        for i, (err, b) in enumerate(zip(errors(backend), base, strict=True)):
+            assert err <= 2 * b + 1e-3, f"backend {backend} image {i}: bf16 error {err:.2e} vs torch {b:.2e}"
+
+
 @pytest.mark.parametrize(
     "layer, norm, prefix",
     [(-2, None, False), (-2, True, True), (0, None, True), (-1, None, False), (None, False, True)],
