@@ -297,8 +297,11 @@ def test_from_name_and_local_safetensors(tmp_path):
 
 
 def test_refuses_hybrid_cnn_stem():
-    model = timm.create_model("vit_small_r26_s32_224", pretrained=False)
-    with pytest.raises(ValueError, match=r"patch_embed\.backbone.*ResNetV2"):
+    # R+ViT-Ti/16 (ResNet stem, then 8x8 patches of its feature map): the cheapest timm hybrid
+    model = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, **TINY)
+    with pytest.raises(
+        ValueError, match=r"patch_embed\.backbone \(Sequential in HybridEmbed\) is a CNN stem"
+    ):
         nv.from_timm(model)
 
 
