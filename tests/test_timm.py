@@ -92,6 +92,19 @@ def test_vit_parity_mixed_sizes(case):
             assert_close(out[i], ref, FP64_TOL, f"{case} image {i} grid {grid}")
 
 
+def test_gated_attention_parity():
+    """timm Attention with its sigmoid output gate (GenLIP-style ``gated=True``)."""
+    model = tiny("vit_base_patch16_clip_224", img_size=64, dynamic_img_size=True)
+    for blk in model.blocks:
+        blk.attn.gate = torch.nn.Linear(64, 64, dtype=torch.float64)
+    randomised(model, seed=2)
+    imgs = images(GRIDS, 16, seed=19)
+    out = nv.from_timm(model, attn_backend="torch").forward_images(imgs)
+    with torch.no_grad():
+        for i, img in enumerate(imgs):
+            assert_close(out[i], model.forward_features(img[None])[0], FP64_TOL, f"gated image {i}")
+
+
 def naflex_padded_forward(model, imgs):
     """timm NaFlexVit's own padded NaFlex forward: patchify each image with timm, zero-pad to the
     longest, patch_coord / patch_valid as its collator builds them. Returns each image's valid rows."""
