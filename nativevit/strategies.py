@@ -21,7 +21,8 @@ Two numbers per image, kept apart on purpose:
   336 -> 336 (24x24 patches) and 448 -> 448 (32x32) are exact; OneVision's 384 -> 392 (28x28, where
   SigLIP sees 27x27, which the 2x2 merge cannot group); DeepSeek's 512 -> 504, 640 -> 644,
   1024 -> 1036, 1280 -> 1288. A native (Qwen2-VL) view is already a multiple of 28 and is resampled
-  once, from the original image, exactly as ``ImageProcessor`` does.
+  once, from the original image, exactly as ``ImageProcessor`` does. Pad colours are each system's
+  (in pixel space); normalisation is our encoder's (the processor's mean/std), not the system's.
 
 Views are listed in the order the language model reads their features: LLaVA base first, InternVL
 thumbnail last, DeepSeek Gundam tiles before the global view.
