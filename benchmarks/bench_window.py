@@ -81,7 +81,9 @@ def bench_attention(
     return results
 
 
-def bench_encoder(batch, depth: int, *, backend: str, dtype, device, iters: int) -> list[dict]:
+def bench_encoder(
+    batch, depth: int, *, backend: str, dtype, device, iters: int, modes=("packed", "padded")
+) -> list[dict]:
     """The windowed tower and the same weights with full attention everywhere, packed and padded,
     round-robin ``iters`` times after one small untimed forward per case; medians."""
     torch.manual_seed(0)
@@ -91,8 +93,8 @@ def bench_encoder(batch, depth: int, *, backend: str, dtype, device, iters: int)
     )
     full.load_state_dict(windowed.state_dict())
     full.eval()
-    cases = [(variant, model, padded) for variant, model in (("windowed", windowed), ("full", full))
-             for padded in (False, True)]  # fmt: skip
+    cases = [(variant, model, mode == "padded") for variant, model in (("windowed", windowed), ("full", full))
+             for mode in modes]  # fmt: skip
     small = ImageProcessor.qwen2_5_vl()([image_set("uniform")[0]])
     for _, model, padded in cases:
         run_mode(model, small, backend=backend, padded=padded, warmup=0, iters=1, device=device)
@@ -129,19 +131,19 @@ def summary(results: list[dict]) -> list[str]:
                 f"{r['flops'] / 1e9:>9.1f}{r['flops'] / r['seconds'] / 1e9:>9.1f}{r['peak'] / 2**20:>10.1f}"
             )
 
-        def ratio(a, b, rows=rows):
-            ta, tb = rows[a]["seconds"], rows[b]["seconds"]
-            wa, wb = rows[a]["flops"], rows[b]["flops"]
-            return f"{ta / tb:.2f}x time ({wa / wb:.2f}x work)"
-
-        lines += [
-            f"  full / windowed, packed: {ratio(('full', 'packed'), ('windowed', 'packed'))}",
-            f"  full / windowed, padded: {ratio(('full', 'padded'), ('windowed', 'padded'))}",
-            f"  padded / packed, windowed: {ratio(('windowed', 'padded'), ('windowed', 'packed'))}",
-            f"  padded / packed, full: {ratio(('full', 'padded'), ('full', 'packed'))}",
-            f"  padded full / packed windowed: {ratio(('full', 'padded'), ('windowed', 'packed'))}",
-            "",
+        pairs = [
+            ("full / windowed, packed", ("full", "packed"), ("windowed", "packed")),
+            ("full / windowed, padded", ("full", "padded"), ("windowed", "padded")),
+            ("padded / packed, windowed", ("windowed", "padded"), ("windowed", "packed")),
+            ("padded / packed, full", ("full", "padded"), ("full", "packed")),
+            ("padded full / packed windowed", ("full", "padded"), ("windowed", "packed")),
         ]
+        for label, a, b in pairs:
+            if a in rows and b in rows:
+                time_ratio = rows[a]["seconds"] / rows[b]["seconds"]
+                work_ratio = rows[a]["flops"] / rows[b]["flops"]
+                lines.append(f"  {label}: {time_ratio:.2f}x time ({work_ratio:.2f}x work)")
+        lines.append("")
     return lines
 
 
@@ -177,6 +179,8 @@ def main() -> None:
         "--iters", type=int, default=5, help="timed rounds of the attention cases (median reported)"
     )
     p.add_argument("--encoder-iters", type=int, default=1, help="timed rounds of the encoder cases (median)")
+    p.add_argument("--encoder-modes", nargs="+", choices=["packed", "padded"], default=["packed", "padded"])
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True, help="attention level")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args()
@@ -201,11 +205,13 @@ def main() -> None:
             f"{windows.num_segments} windows (longest {windows.max_seqlen})",
             flush=True,
         )
-        results = bench_attention(grid, cfg, backend=args.backend, dtype=dtype, device=device,
-                                  warmup=args.warmup, iters=args.iters)  # fmt: skip
+        results = []
+        if args.attention:
+            results += bench_attention(grid, cfg, backend=args.backend, dtype=dtype, device=device,
+                                       warmup=args.warmup, iters=args.iters)  # fmt: skip
         if args.depth:
             results += bench_encoder(batch, args.depth, backend=args.backend, dtype=dtype, device=device,
-                                     iters=args.encoder_iters)  # fmt: skip
+                                     iters=args.encoder_iters, modes=args.encoder_modes)  # fmt: skip
         print("\n".join("  " + line for line in summary(results)))
         rows += csv_rows(results, image_set_name=name, dtype_name=args.dtype, depth=args.depth)
     if not args.no_csv:

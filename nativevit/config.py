@@ -237,10 +237,10 @@ class VisionConfig:
 
     @classmethod
     def qwen3_vl(cls, **overrides: Any) -> VisionConfig:
-        """The Qwen3-VL tower (8B release; also 32B, with ``out_hidden_size`` 5120): width 1152, 27
-        blocks, 16 heads of dim 72, tanh-GELU MLP 4304, 16x16 patches with a bias, 48x48 learned position
-        table, DeepStack mergers after blocks 8, 16, 24. (The 2B/4B towers: depth 24, width 1024,
-        MLP 4096, DeepStack 5, 11, 17.)"""
+        """The Qwen3-VL tower (8B release; transformers' defaults but for the merger width): width 1152,
+        27 blocks, 16 heads of dim 72, tanh-GELU MLP 4304, 16x16 patches with a bias, 48x48 learned
+        position table, DeepStack mergers after blocks 8, 16, 24, merged to 4096. Other releases differ
+        in these numbers; their config.json says how (``from_hf_dict``)."""
         base = dict(
             model_type="qwen3_vl", embed_dim=1152, depth=27, num_heads=16, intermediate_size=4304,
             out_hidden_size=4096, hidden_act="gelu_pytorch_tanh", patch_size=16, num_position_embeddings=2304,
