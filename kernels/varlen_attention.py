@@ -26,15 +26,19 @@ accumulators (PV, dq, dk, dv). 80 = 64 + 16 and 96 = 64 + 32 do exactly the need
 to 128 would waste 37.5% of every matmul); 72 = 64 + 16 with 8 masked lanes (90% useful); 64 and
 128 have no tail (``D1 = 0`` compiles the tail away).
 
-Block sizes: one outer block size ``BLOCK`` (rows a program owns) shared by the three kernels so one
-work list serves the forward and the backward. CUDA, 16-bit: ``BLOCK = 128`` with inner blocks of
-64 (forward) / 32 (backward), the shapes of the Triton fused-attention tutorial's fwd/bwd; fp32:
-64/32 (register pressure). These are not tuned (no GPU was at hand when this was written).
-Under ``TRITON_INTERPRET=1``: 32/16, so small test segments span several blocks and partial ones.
+Block sizes: ``BLOCK`` rows per program (the work-list granularity), ``inner`` rows per loop step,
+per direction (forward and backward have their own work lists, both cached per batch). CUDA,
+16-bit, sm_90: forward 128/64 (64/64 above head dim 96), backward 64/32, 8 warps; sm_80: forward
+128/32, backward 64/32. fp32: 64/32 and 32/32, 4 warps. These were picked so that ptxas reports
+no register spills at head dims <= 96 (sm_90) / <= 80 (sm_80) -- checked without a GPU by
+tests/kernels/test_gpu_codegen.py -- and are not tuned for speed: no GPU was at hand.
+Under ``TRITON_INTERPRET=1``: forward 32/16, backward 16/32, so small test segments span several
+blocks and partial ones, and the two work lists differ.
 
 Interpreter trap: triton 3.8's interpreter computes ``tl.dot`` on bf16 operands wrongly, so under
 the interpreter the launcher sets ``UPCAST`` and bf16 dot operands are cast to fp32 after the same
-bf16 rounding the GPU path applies (P and dS are still rounded to bf16 first). fp32 inputs use
+bf16 rounding the GPU path applies (P and dS are still rounded to bf16 first); it also truncates
+fp32 -> bf16 casts, so under the interpreter ``cast_rounded`` rounds to nearest even by hand. fp32 inputs use
 ``input_precision="ieee"`` (no TF32), so fp32 means fp32.
 
 Reference: ``varlen_attention_ref`` (= ``nativevit.ops.varlen_attention_ref``, per-segment SDPA).
@@ -43,6 +47,7 @@ Reference: ``varlen_attention_ref`` (= ``nativevit.ops.varlen_attention_ref``, p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -349,13 +354,39 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
-def _config(head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
-    """Outer block (rows a program owns; the work-list granularity), inner blocks, warps, stages."""
-    if INTERPRETED or device_type != "cuda":
-        return dict(block=32, inner_fwd=16, inner_bwd=16, num_warps=4, num_stages=1)
+@dataclass(frozen=True)
+class LaunchConfig:
+    """``block``: rows a program owns (the work-list granularity); ``inner``: rows per loop step."""
+
+    block: int
+    inner: int
+    num_warps: int
+    num_stages: int
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability as ``10 * major + minor`` (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _config(head_dim: int, dtype: torch.dtype, arch: int) -> tuple[LaunchConfig, LaunchConfig]:
+    """(forward, backward) launch configurations for a CUDA compute capability (0: not CUDA).
+
+    Chosen so that ptxas reports no register spills (``ptxas -v``; checked by
+    tests/kernels/test_gpu_codegen.py) for head dims up to 96 on sm_90 and up to 80 on sm_80; not
+    tuned for speed (no GPU was at hand). Head dim 128 spills a little in the backward.
+    """
+    if INTERPRETED or arch == 0:
+        return LaunchConfig(32, 16, 4, 1), LaunchConfig(16, 32, 4, 1)
     if dtype == torch.float32:
-        return dict(block=64, inner_fwd=32, inner_bwd=32, num_warps=4, num_stages=1)
-    return dict(block=128, inner_fwd=64, inner_bwd=32, num_warps=8 if head_dim > 64 else 4, num_stages=2)
+        return LaunchConfig(64, 32, 4, 1), LaunchConfig(32, 32, 4, 1)
+    bwd = LaunchConfig(64, 32, 8, 2)
+    if arch >= 90:
+        return (LaunchConfig(128, 64, 8, 2) if head_dim <= 96 else LaunchConfig(64, 64, 8, 2)), bwd
+    return LaunchConfig(128, 32, 8, 2), bwd
 
 
 def work_items(segments: Segments, block: int) -> torch.Tensor:
@@ -387,7 +418,7 @@ def varlen_attention_rejects(x: torch.Tensor) -> str | None:
     return None
 
 
-def _common_meta(head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
+def _common_meta(head_dim: int, dtype: torch.dtype) -> dict:
     d0, d1 = head_dim_split(head_dim)
     return dict(
         HEAD_DIM=head_dim, D0=d0, D1=d1, D1_TILE=max(d1, 1),
@@ -397,9 +428,9 @@ def _common_meta(head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
     )  # fmt: skip
 
 
-def _check_block(block: int, work: torch.Tensor, cfg: dict) -> None:
-    if block != cfg["block"]:
-        raise ValueError(f"work list was built for block {block} but this launch uses block {cfg['block']}")
+def _check_block(block: int, work: torch.Tensor, cfg: LaunchConfig) -> None:
+    if block != cfg.block:
+        raise ValueError(f"work list was built for block {block} but this launch uses block {cfg.block}")
     if work.dtype != torch.int32 or work.dim() != 2 or work.shape[1] != 2:
         raise ValueError(f"work must be an (n, 2) int32 tensor, got {work.dtype} {tuple(work.shape)}")
 
@@ -408,7 +439,7 @@ def _launch_fwd(q, k, v, cu_seqlens, work, block, scale):
     total, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
-    cfg = _config(head_dim, q.dtype, q.device.type)
+    cfg, _ = _config(head_dim, q.dtype, _arch(q.device))
     _check_block(block, work, cfg)
     if work.shape[0] == 0 or heads == 0:
         return out, lse
@@ -417,8 +448,8 @@ def _launch_fwd(q, k, v, cu_seqlens, work, block, scale):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         scale * _LOG2E,
-        BLOCK_M=block, BLOCK_N=cfg["inner_fwd"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_common_meta(head_dim, q.dtype, q.device.type),
+        BLOCK_M=block, BLOCK_N=cfg.inner, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_common_meta(head_dim, q.dtype),
     )  # fmt: skip
     return out, lse
 
@@ -430,7 +461,7 @@ def _launch_bwd(dout, q, k, v, out, lse, cu_seqlens, work, block, scale):
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    cfg = _config(head_dim, q.dtype, q.device.type)
+    _, cfg = _config(head_dim, q.dtype, _arch(q.device))
     _check_block(block, work, cfg)
     if work.shape[0] == 0 or heads == 0:
         return dq, dk, dv
@@ -442,8 +473,8 @@ def _launch_bwd(dout, q, k, v, out, lse, cu_seqlens, work, block, scale):
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=block_t, num_warps=4,
     )  # fmt: skip
     meta = dict(
-        scale=scale, qk_scale=scale * _LOG2E, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_common_meta(head_dim, q.dtype, q.device.type),
+        scale=scale, qk_scale=scale * _LOG2E, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_common_meta(head_dim, q.dtype),
     )  # fmt: skip
     grid = (work.shape[0], heads)
     _varlen_attn_bwd_dkdv_kernel[grid](
@@ -451,14 +482,14 @@ def _launch_bwd(dout, q, k, v, out, lse, cu_seqlens, work, block, scale):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         lse.stride(0),
-        BLOCK_M=cfg["inner_bwd"], BLOCK_N=block, **meta,
+        BLOCK_M=cfg.inner, BLOCK_N=block, **meta,
     )  # fmt: skip
     _varlen_attn_bwd_dq_kernel[grid](
         q, k, v, dout, lse, delta, dq, cu_seqlens, work,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         lse.stride(0),
-        BLOCK_M=block, BLOCK_N=cfg["inner_bwd"], **meta,
+        BLOCK_M=block, BLOCK_N=cfg.inner, **meta,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -469,15 +500,17 @@ def _launch_bwd(dout, q, k, v, out, lse, cu_seqlens, work, block, scale):
 @torch.library.custom_op("nativevit::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, work: torch.Tensor,
-    block: int, scale: float,
+    block: int, bwd_work: torch.Tensor, bwd_block: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(out (total, heads, head_dim), lse (heads, total) fp32, natural log)``; ``work`` from
-    :func:`work_items` built with ``block`` (the launch configuration's outer block)."""
+    """``(out (total, heads, head_dim), lse (heads, total) fp32, natural log)``.
+
+    ``work``/``block``: :func:`work_items` for the forward's block; ``bwd_work``/``bwd_block`` the
+    same for the backward's (kept for autograd, so the backward needs no host lengths)."""
     return _launch_fwd(q, k, v, cu_seqlens, work, block, scale)
 
 
 @varlen_attention_fwd.register_fake
-def _(q, k, v, cu_seqlens, work, block, scale):
+def _(q, k, v, cu_seqlens, work, block, bwd_work, bwd_block, scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -496,10 +529,10 @@ def _(dout, q, k, v, out, lse, cu_seqlens, work, block, scale):
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, work, block, scale = inputs
+    q, k, v, cu_seqlens, _, _, bwd_work, bwd_block, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, work)
-    ctx.block, ctx.scale = block, scale
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, bwd_work)
+    ctx.block, ctx.scale = bwd_block, scale
     ctx.mark_non_differentiable(lse)
 
 
@@ -508,7 +541,7 @@ def _fwd_backward(ctx, dout, dlse):
     dq, dk, dv = torch.ops.nativevit.varlen_attention_bwd(
         dout, q, k, v, out, lse, cu_seqlens, work, ctx.block, ctx.scale
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -552,7 +585,9 @@ def varlen_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    block = _config(q.shape[-1], q.dtype, q.device.type)["block"]
-    work = work_items(segments, block)
-    out, _ = torch.ops.nativevit.varlen_attention_fwd(q, k, v, segments.cu_seqlens, work, block, scale)
+    fwd, bwd = _config(q.shape[-1], q.dtype, _arch(q.device))
+    work, bwd_work = work_items(segments, fwd.block), work_items(segments, bwd.block)
+    out, _ = torch.ops.nativevit.varlen_attention_fwd(
+        q, k, v, segments.cu_seqlens, work, fwd.block, bwd_work, bwd.block, scale
+    )
     return out

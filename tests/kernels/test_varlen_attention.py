@@ -156,28 +156,39 @@ def test_head_dim_split_does_no_more_work_than_needed(head_dim, split):
 # ------------------------------------------------------------------------- registration
 
 
+def fwd_args(q, k, v, segments, scale):
+    fwd, bwd = va._config(q.shape[-1], q.dtype, va._arch(q.device))
+    work, bwd_work = va.work_items(segments, fwd.block), va.work_items(segments, bwd.block)
+    return (q, k, v, segments.cu_seqlens, work, fwd.block, bwd_work, bwd.block, scale)
+
+
 def test_opcheck_forward_and_backward():
     segments = segments_of([9, 0, 1, 20])
     qkv = fused_qkv(30, 1, 16, torch.float32)
     q, k, v = qkv.unbind(1)
-    block = va._config(16, torch.float32, DEVICE)["block"]
-    work = va.work_items(segments, block)
-    args = (q, k, v, segments.cu_seqlens, work, block, 0.25)
+    args = fwd_args(q, k, v, segments, 0.25)
     torch.library.opcheck(torch.ops.nativevit.varlen_attention_fwd.default, args)
     with torch.no_grad():
         out, lse = torch.ops.nativevit.varlen_attention_fwd(*args)
         qd, kd, vd = (x.detach() for x in (q, k, v))
-    bwd_args = (torch.randn_like(out), qd, kd, vd, out, lse, segments.cu_seqlens, work, block, 0.25)
+    bwd_work, bwd_block = args[6], args[7]
+    bwd_args = (torch.randn_like(out), qd, kd, vd, out, lse, segments.cu_seqlens, bwd_work, bwd_block, 0.25)
     torch.library.opcheck(torch.ops.nativevit.varlen_attention_bwd.default, bwd_args)
+
+
+def test_work_list_of_another_block_size_is_refused():
+    segments = segments_of([9, 20])
+    q, k, v = fused_qkv(29, 1, 16, torch.float32).detach().unbind(1)
+    args = list(fwd_args(q, k, v, segments, 0.25))
+    args[5] *= 2
+    with pytest.raises(ValueError, match="work list was built for block"):
+        torch.ops.nativevit.varlen_attention_fwd(*args)
 
 
 def test_lse_is_the_log_sum_exp():
     segments = segments_of([13, 0, 6])
     q, k, v = fused_qkv(19, 2, 16, torch.float32).detach().unbind(1)
-    block = va._config(16, torch.float32, DEVICE)["block"]
-    _, lse = torch.ops.nativevit.varlen_attention_fwd(
-        q, k, v, segments.cu_seqlens, va.work_items(segments, block), block, 0.5
-    )
+    _, lse = torch.ops.nativevit.varlen_attention_fwd(*fwd_args(q, k, v, segments, 0.5))
     expected = []
     for a, b in ((0, 13), (13, 19)):
         scores = torch.einsum("qhd,khd->hqk", q[a:b].double(), k[a:b].double()) * 0.5
