@@ -6,6 +6,9 @@ tests/conftest.py), so shapes are small; the CUDA tests at the bottom use realis
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from flash_rule import check_rule
@@ -269,3 +272,18 @@ def test_cuda_mixed_batch_and_auto_backend():
 @pytest.mark.cuda
 def test_cuda_skew_16k():
     check_against_reference([16384] + [64] * 64, 4, 80, torch.bfloat16)
+
+
+def test_import_without_triton_registers_a_backend_that_says_why():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, nativevit as nv\n"
+        "assert 'triton' not in nv.ops.available_backends()['attention']\n"
+        "try:\n"
+        "    nv.ops.resolve_backend('attention', 'triton', torch.randn(2, 1, 16))\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "triton cannot be imported" in proc.stdout, proc.stdout
