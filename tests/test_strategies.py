@@ -223,6 +223,8 @@ def test_qwen2_vl_strategy_is_the_default_processor():
         assert torch.equal(a.pixel_values, b.pixel_values)
         assert torch.equal(a.grid_thw, b.grid_thw) and torch.equal(a.cu_seqlens, b.cu_seqlens)
         assert a.max_seqlen == b.max_seqlen and b.views_per_image == [1, 1, 1]
+        assert a.views_per_image is None and [len(g) for g in a.split_views(a.pixel_values)] == [1, 1, 1]
+        assert b.to("cpu").views_per_image == [1, 1, 1]
         assert [S.num_tokens("qwen2_vl", w, h, **kw) for w, h in [(1000, 600), (128, 16), (70, 98)]] == (
             a.tokens_per_image
         )
