@@ -270,8 +270,9 @@ def test_cuda_mixed_batch_and_auto_backend():
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_skew_16k():
-    check_against_reference([16384] + [64] * 64, 4, 80, torch.bfloat16)
+def test_cuda_skew_one_long_many_short():
+    # 8k, not 16k: the fp64 reference materialises the score matrix (2 heads x 8k x 8k x 8 B = 1 GiB)
+    check_against_reference([8192] + [64] * 64, 2, 80, torch.bfloat16)
 
 
 def test_import_without_triton_registers_a_backend_that_says_why():
