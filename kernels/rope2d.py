@@ -229,5 +229,7 @@ def rope2d_(
     _check(q, k, cos, sin)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise RuntimeError("rope2d_ is in-place and has no autograd; use rope2d (out of place) for training")
+    if q.data_ptr() == k.data_ptr() and q.numel():
+        raise ValueError("rope2d_ got q and k at the same address: in place, k would be rotated twice")
     torch.ops.nativevit.rope2d_(q, k, cos, sin, False)
     return q, k

@@ -151,6 +151,8 @@ def test_rejects_bad_input():
         rp.rope2d(q, q.half(), cos, sin)
     with pytest.raises(ValueError, match="differ in tokens"):
         rp.rope2d(q, q[:3], cos, sin)
+    with pytest.raises(ValueError, match="same address"):
+        rp.rope2d_(q, q, cos, sin)
     with pytest.raises(RuntimeError, match="no gradient for cos"):
         c = cos.clone().requires_grad_()
         rp.rope2d(q.requires_grad_(), q, c, sin)[0].sum().backward()
