@@ -51,7 +51,10 @@ def find_cuda_home() -> str | None:
         try:  # a wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
             head = real.read_bytes()[:4096]
             if head.startswith(b"#!"):
-                candidates += [Path(m).parent.parent for m in re.findall(r"(/\S+/bin/nvcc)\b", head.decode(errors="replace"))]
+                candidates += [
+                    Path(m).parent.parent
+                    for m in re.findall(r"(/\S+/bin/nvcc)\b", head.decode(errors="replace"))
+                ]
         except OSError:
             pass
     candidates.append(Path("/usr/local/cuda"))
@@ -59,9 +62,15 @@ def find_cuda_home() -> str | None:
 
 
 def _cuda_gencode_flags() -> list[str]:
-    archs = [a.strip().replace(".", "") for a in os.environ.get("NATIVEVIT_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+    archs = [
+        a.strip().replace(".", "")
+        for a in os.environ.get("NATIVEVIT_CUDA_ARCHS", "80;90").split(";")
+        if a.strip()
+    ]
     if not archs or not all(a.isdigit() for a in archs):
-        raise ValueError(f"NATIVEVIT_CUDA_ARCHS must look like '80;90', got {os.environ['NATIVEVIT_CUDA_ARCHS']!r}")
+        raise ValueError(
+            f"NATIVEVIT_CUDA_ARCHS must look like '80;90', got {os.environ['NATIVEVIT_CUDA_ARCHS']!r}"
+        )
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     newest = max(archs, key=int)
     return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
@@ -87,7 +96,9 @@ def extension_modules() -> tuple[list, dict]:
         )
         return [], {}
     sources = ["csrc/ops.cpp"]
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # OpenMP: at::parallel_for's pragmas live in torch's headers
+    # -fopenmp: at::parallel_for's `omp parallel` lives in torch's headers, so without it every
+    # parallel_for in csrc/ runs on one thread
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     kwargs = dict(extra_link_args=["-fopenmp"])
     with_cuda = False
     if os.environ.get("NATIVEVIT_SKIP_CUDA", "0") not in ("", "0"):

@@ -25,8 +25,10 @@ try:
 
     _LOAD_ERROR: str | None = None
 except ImportError as e:  # not built (pure-Python install), or built against another torch
-    _LOAD_ERROR = f"nativevit._C was not built or does not load ({e}); reinstall with " \
+    _LOAD_ERROR = (
+        f"nativevit._C was not built or does not load ({e}); reinstall with "
         "`pip install --no-build-isolation -e .` after torch"
+    )
 
 ATTENTION_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16),
@@ -46,7 +48,9 @@ def is_built() -> bool:
 
 def has_cuda_kernels() -> bool:
     """Whether ``nativevit._C`` was built with its CUDA kernels (visible without a GPU)."""
-    return is_built() and torch._C._dispatch_has_kernel_for_dispatch_key("nativevit_C::varlen_attention", "CUDA")
+    return is_built() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "nativevit_C::varlen_attention", "CUDA"
+    )
 
 
 def cpu_isa() -> str:
@@ -75,7 +79,7 @@ if is_built():
         # a gradient may be None (output unused) or an expanded view with stride 0 (from .sum())
         grad_q, grad_k = (
             g.contiguous() if g is not None else torch.zeros(shape, dtype=dtype, device=cos.device)
-            for g, (shape, dtype) in zip((grad_q, grad_k), ctx.shapes)
+            for g, (shape, dtype) in zip((grad_q, grad_k), ctx.shapes, strict=True)
         )
         dq, dk = torch.ops.nativevit_C.rope2d(grad_q, grad_k, cos, sin, not ctx.inverse)
         return dq, dk, None, None, None
@@ -105,7 +109,9 @@ if is_built():
         return dq, dk, dv, None, None, None
 
     torch.library.register_autograd(
-        "nativevit_C::varlen_attention", _varlen_attention_backward, setup_context=_varlen_attention_setup_context
+        "nativevit_C::varlen_attention",
+        _varlen_attention_backward,
+        setup_context=_varlen_attention_setup_context,
     )
 
 
@@ -158,7 +164,9 @@ for _device in ("cpu", "cuda"):
     _max_hd = CUDA_MAX_HEAD_DIM if _device == "cuda" else None
     ops.register_backend(
         "attention",
-        ops.Backend(_device, csrc_attention, _unavailable_on(_device), _rejects(ATTENTION_DTYPES[_device], _max_hd)),
+        ops.Backend(
+            _device, csrc_attention, _unavailable_on(_device), _rejects(ATTENTION_DTYPES[_device], _max_hd)
+        ),
     )
     ops.register_backend(
         "rope", ops.Backend(_device, csrc_rope, _unavailable_on(_device), _rejects(ROPE_DTYPES[_device]))

@@ -18,7 +18,7 @@ import nativevit as nv
 from nativevit import csrc
 from nativevit.ops import varlen_attention_ref
 from nativevit.packing import Segments
-from nativevit.rope import rope_2d_ref, rope_cos_sin
+from nativevit.rope import rope_2d_ref
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,9 @@ def err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_rule(name: str, out: torch.Tensor, same_dtype_ref: torch.Tensor, fp64_ref: torch.Tensor, factor: float):
+def check_rule(
+    name: str, out: torch.Tensor, same_dtype_ref: torch.Tensor, fp64_ref: torch.Tensor, factor: float
+):
     ours, theirs = err(out, fp64_ref), err(same_dtype_ref, fp64_ref)
     bound = factor * theirs + FLOOR[out.dtype]
     assert ours <= bound, (
@@ -49,8 +51,8 @@ def make_qkv(lengths, heads, head_dim, dtype, seed=0, strided=False):
     total = sum(lengths)
     if strided:  # what the model hands over: unbind of (total, 3, heads, head_dim)
         qkv = torch.randn(total, 3, heads, head_dim, generator=g, dtype=torch.float64)
-        ref = [x for x in qkv.unbind(1)]
-        low = [x for x in qkv.to(dtype).unbind(1)]
+        ref = list(qkv.unbind(1))
+        low = list(qkv.to(dtype).unbind(1))
     else:
         ref = [torch.randn(total, heads, head_dim, generator=g, dtype=torch.float64) for _ in range(3)]
         low = [x.to(dtype) for x in ref]
@@ -86,7 +88,9 @@ def _cuda_toolkit_present() -> bool:
     if torch.version.cuda is None or os.environ.get("NATIVEVIT_SKIP_CUDA", "0") not in ("", "0"):
         return False
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    return shutil.which("nvcc") is not None or bool(home and os.path.exists(os.path.join(home, "bin", "nvcc")))
+    return shutil.which("nvcc") is not None or bool(
+        home and os.path.exists(os.path.join(home, "bin", "nvcc"))
+    )
 
 
 def test_cuda_kernels_registered_when_toolkit_present():
@@ -95,7 +99,9 @@ def test_cuda_kernels_registered_when_toolkit_present():
     registered = set(torch._C._dispatch_get_registrations_for_dispatch_key("CUDA"))
     ours = {"nativevit_C::rope2d", "nativevit_C::varlen_attention", "nativevit_C::varlen_attention_bwd"}
     if _cuda_toolkit_present():
-        assert ours <= registered, f"CUDA toolkit found but not registered for CUDA: {sorted(ours - registered)}"
+        assert ours <= registered, (
+            f"CUDA toolkit found but not registered for CUDA: {sorted(ours - registered)}"
+        )
         assert csrc.has_cuda_kernels()
     else:
         assert not csrc.has_cuda_kernels() or ours <= registered
@@ -165,7 +171,9 @@ def test_rope_fp64_equals_reference_and_bad_input():
     with pytest.raises(RuntimeError, match="one dtype"):
         torch.ops.nativevit_C.rope2d(q, q.float(), cos, sin, False)
     with pytest.raises(RuntimeError, match="stride 1"):
-        torch.ops.nativevit_C.rope2d(q.transpose(1, 2), q.transpose(1, 2), rope_tables(9, 2)[0], rope_tables(9, 2)[1])
+        torch.ops.nativevit_C.rope2d(
+            q.transpose(1, 2), q.transpose(1, 2), rope_tables(9, 2)[0], rope_tables(9, 2)[1]
+        )
 
 
 def test_rope_backward_is_inverse_rotation():
@@ -233,8 +241,10 @@ def test_attention_backward_matches_reference(dtype):
 
     ours = grads(lambda a, b, c: nv.ops.varlen_attention(a, b, c, seg, scale=scale, backend="cpu"), (q, k, v))
     low = grads(lambda a, b, c: varlen_attention_ref(a, b, c, seg, scale), (q, k, v))
-    ref = grads(lambda a, b, c: varlen_attention_ref(a, b, c, seg, scale), (q.double(), k.double(), v.double()))
-    for name, a, b, c in zip("qkv", ours, low, ref):
+    ref = grads(
+        lambda a, b, c: varlen_attention_ref(a, b, c, seg, scale), (q.double(), k.double(), v.double())
+    )
+    for name, a, b, c in zip("qkv", ours, low, ref, strict=True):
         assert a.dtype == dtype
         check_rule(f"d{name} {dtype}", a, b, c, 3)
 
@@ -313,14 +323,21 @@ def test_cuda_kernels_match_reference(dtype):
     scale = 80**-0.5
     out = nv.ops.varlen_attention(q, k, v, seg, scale=scale, backend="cuda")
     check_rule(
-        f"cuda attention {dtype}", out.cpu(), varlen_attention_ref(q, k, v, seg, scale).cpu(),
-        varlen_attention_ref(q.double(), k.double(), v.double(), seg, scale).cpu(), 2,
+        f"cuda attention {dtype}",
+        out.cpu(),
+        varlen_attention_ref(q, k, v, seg, scale).cpu(),
+        varlen_attention_ref(q.double(), k.double(), v.double(), seg, scale).cpu(),
+        2,
     )
     cos, sin = rope_tables(q.shape[0], 80)
     cos, sin = cos.cuda(), sin.cuda()
     qr = q.detach().clone().requires_grad_()
     qo, ko = nv.ops.apply_rope_2d(qr, k, cos, sin, backend="cuda")
     q_ref, k_ref = rope_2d_ref(q, k, cos, sin)
-    check_rule(f"cuda rope {dtype}", qo.cpu(), q_ref.cpu(), rope_2d_ref(q.double(), k.double(), cos, sin)[0].cpu(), 2)
+    check_rule(
+        f"cuda rope {dtype}", qo.cpu(), q_ref.cpu(), rope_2d_ref(q.double(), k.double(), cos, sin)[0].cpu(), 2
+    )
     qo.sum().backward()
-    torch.testing.assert_close(qr.grad, rope_2d_ref(torch.ones_like(q), k, cos, -sin)[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        qr.grad, rope_2d_ref(torch.ones_like(q), k, cos, -sin)[0], rtol=1e-2, atol=1e-2
+    )
