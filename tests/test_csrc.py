@@ -27,7 +27,7 @@ def _require_built():
     assert csrc.is_built(), csrc._LOAD_ERROR
 
 
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
 def err(a: torch.Tensor, b: torch.Tensor) -> float:
