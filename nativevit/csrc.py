@@ -5,9 +5,10 @@
 implementations for ``torch.compile`` and ``opcheck``, and autograd:
 
 * ``nativevit_C::rope2d``: the backward is the inverse rotation, the same kernel with ``inverse=True``.
-* ``nativevit_C::varlen_attention``: the backward is ``nativevit_C::varlen_attention_bwd``, which
-  recomputes the probabilities per segment from q, k, v with ATen matmuls in fp32 (exact, not
-  fused; query-chunked so the score tile stays bounded). It reads ``cu_seqlens`` on the host once.
+* ``nativevit_C::varlen_attention``: the backward is ``nativevit_C::varlen_attention_bwd``, a
+  recompute per segment from q, k, v: on CPU torch's fused flash-attention forward + backward, on
+  CUDA ATen matmuls in fp32 (exact, not fused; query-chunked so the score tile stays bounded). It
+  reads ``cu_seqlens`` on the host once.
 
 Both backends register with ``nativevit.ops`` whether or not ``_C`` was built; when it was not, their
 ``unavailable`` says so and ``auto`` quietly uses the other backends. Importing this module never fails.
