@@ -341,3 +341,20 @@ def test_cuda_kernels_match_reference(dtype):
     torch.testing.assert_close(
         qr.grad, rope_2d_ref(torch.ones_like(q), k, cos, -sin)[0], rtol=1e-2, atol=1e-2
     )
+    # attention backward on CUDA: the matmul recompute of nativevit_C::varlen_attention_bwd
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype).cuda()
+
+    def grads(fn, xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        fn(*xs).backward(grad.to(xs[0].dtype))
+        return [x.grad.cpu() for x in xs]
+
+    ours = grads(
+        lambda a, b, c: nv.ops.varlen_attention(a, b, c, seg, scale=scale, backend="cuda"), (q, k, v)
+    )
+    low = grads(lambda a, b, c: varlen_attention_ref(a, b, c, seg, scale), (q, k, v))
+    ref = grads(
+        lambda a, b, c: varlen_attention_ref(a, b, c, seg, scale), (q.double(), k.double(), v.double())
+    )
+    for name, a, b, c in zip("qkv", ours, low, ref, strict=True):
+        check_rule(f"cuda d{name} {dtype}", a, b, c, 3)
