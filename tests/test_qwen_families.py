@@ -328,6 +328,33 @@ def test_qwen3_parity_fp64_with_deepstack(hf3, tmp_path):
         assert rel_err(a, b) < 1e-10, report(f"deepstack[{i}]", a, b)
 
 
+def test_qwen3_vl_moe_release_carries_the_qwen3_tower(tmp_path):
+    """model_type qwen3_vl_moe (Qwen3-VL-30B-A3B, 235B-A22B): the same tower, transformers' MoE class."""
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeVisionConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+    cfg = Qwen3VLMoeVisionConfig(
+        depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=40,
+        num_position_embeddings=64, deepstack_visual_indexes=[0, 2], patch_size=16,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    hf = rerandomise(Qwen3VLMoeVisionModel(cfg).double().eval(), seed=8)
+    path = write_release(hf, tmp_path / "ckpt", prefix="model.visual.")
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = config["vision_config"]["model_type"] = "qwen3_vl_moe"
+    (path / "config.json").write_text(json.dumps(config))
+    model = nv.NativeViT.from_pretrained(path, attn_backend="torch")
+    assert model.config.model_type == "qwen3_vl"
+    grid = torch.tensor(GRID_3[:3])
+    px = pixels(grid.tolist(), 3 * 2 * 16 * 16, seed=9)
+    with torch.no_grad():
+        ref = hf(px, grid_thw=grid)
+        tokens, deepstack = model(px, grid, return_deepstack=True)
+    assert rel_err(tokens, ref.pooler_output) < 1e-10, report("pooler_output", tokens, ref.pooler_output)
+    for a, b in zip(deepstack, ref.deepstack_features, strict=True):
+        assert rel_err(a, b) < 1e-10, report("deepstack", a, b)
+
+
 @pytest.mark.parametrize("grid", [[[1, 2, 2]], [[1, 8, 8]], [[2, 16, 6], [1, 4, 30]]])
 def test_position_table_taps_are_bilinear_align_corners(grid):
     """Independent reference: F.interpolate of the whole table to each (h, w), then block order."""
