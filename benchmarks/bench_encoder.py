@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from nativevit import benchutil
-from nativevit.benchmark import DTYPES, IMAGE_SETS, csv_rows, image_set, report, run_mode
+from nativevit.benchmark import DTYPES, IMAGE_SETS, csv_rows, encoder_mode, image_set, measure, report
 from nativevit.config import VisionConfig
 from nativevit.model import NativeViT
 from nativevit.preprocess import ImageProcessor
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--sets", nargs="+", choices=sorted(IMAGE_SETS), default=list(IMAGE_SETS))
     p.add_argument("--sweep", nargs="*", type=int, default=list(SWEEP_BUDGETS),
-                   help="token budgets (merged tokens per image) for the seed-set sweep; empty to skip")  # fmt: skip
+                   help="merged tokens per image, seed-set sweep; none to skip")  # fmt: skip
     p.add_argument("--backend", default="auto")
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--warmup", type=int, default=0)
@@ -52,11 +52,11 @@ def main() -> None:
         for name, max_pixels in tqdm(cases, desc=f"encoder {dtype_name}"):
             batch = ImageProcessor(max_pixels=max_pixels)(image_set(name))
             label = name if max_pixels == 28 * 28 * 1280 else f"{name}@{max_pixels // 784}tok"
-            results = [
-                run_mode(model, batch, backend=args.backend, padded=padded, warmup=args.warmup,
-                         iters=args.iters, device=device)  # fmt: skip
-                for padded in (False, True)
+            modes = [
+                encoder_mode(model, batch, backend=args.backend, padded=p, device=device)
+                for p in (False, True)
             ]
+            results = measure(modes, warmup=args.warmup, iters=args.iters, device=device)
             tqdm.write(f"\n[{label}] {dtype_name}, depth {args.depth}, {batch.num_tokens} tokens")
             tqdm.write("\n".join("  " + line for line in report(results, peak, dtype_name)))
             rows += csv_rows(results, image_set_name=label, dtype_name=dtype_name, depth=args.depth)

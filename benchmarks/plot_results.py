@@ -1,6 +1,6 @@
 """Plots from the CSV results under ``benchmarks/results/`` (the newest run of each case wins).
 
-    python benchmarks/plot_results.py            # writes benchmarks/results/<hardware>-encoder.png etc.
+python benchmarks/plot_results.py            # writes benchmarks/results/<hardware>-encoder.png etc.
 """
 
 from __future__ import annotations

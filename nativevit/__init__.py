@@ -1,9 +1,9 @@
 """nativevit: a native-resolution ViT encoder over packed varlen batches.
 
-    proc = nv.ImageProcessor()
-    batch = proc(images)                                   # nv.PackedBatch
-    model = nv.NativeViT(nv.VisionConfig.qwen2_vl())       # or nv.NativeViT.from_pretrained(dir)
-    tokens = model(batch.pixel_values, batch.grid_thw)     # (N/4, out_hidden_size)
+proc = nv.ImageProcessor()
+batch = proc(images)                                   # nv.PackedBatch
+model = nv.NativeViT(nv.VisionConfig.qwen2_vl())       # or nv.NativeViT.from_pretrained(dir)
+tokens = model(batch.pixel_values, batch.grid_thw)     # (N/4, out_hidden_size)
 """
 
 from . import ops, strategies

@@ -9,6 +9,7 @@ FLOPs over the packed FLOPs from ``nativevit.model.flops``; the packed/padded sp
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 
 from . import benchutil
 from .config import VisionConfig
-from .model import NativeViT, flops
+from .model import NativeViT
 from .packing import PackedBatch
 from .preprocess import ImageProcessor
 
@@ -49,7 +50,7 @@ def image_set(name: str) -> list:
     if name not in IMAGE_SETS:
         raise ValueError(f"unknown image set {name!r}; choose from {sorted(IMAGE_SETS)}")
     if name == "video":
-        (w, h), = IMAGE_SETS[name]
+        ((w, h),) = IMAGE_SETS[name]
         return [[synthetic_image(w, h, seed=i) for i in range(VIDEO_FRAMES)]]
     return [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(IMAGE_SETS[name])]
 
@@ -73,28 +74,70 @@ class ModeResult:
         return 1 - self.tokens / self.rows
 
 
+@dataclass
+class Mode:
+    """One way of encoding a batch, ready to time: ``step()`` runs it once."""
+
+    mode: str
+    backend: str
+    step: object
+    rows: int
+    tokens: int
+    flops: dict
+
+
+def encoder_mode(model: NativeViT, batch: PackedBatch, *, backend: str, padded: bool, device) -> Mode:
+    """The packed encoder with ``backend``, or (``padded=True``) the same model as the padded baseline."""
+    name = "padded" if padded else backend
+    px = batch.pixel_values.to(device=device, dtype=next(model.parameters()).dtype)
+    grid = batch.grid_thw
+
+    def step():
+        model.attn_backend = name
+        with torch.inference_mode():
+            return model(px, grid)
+
+    lengths = [h * w for t, h, w in grid.tolist() for _ in range(t)]
+    rows = len(lengths) * max(lengths) if padded else sum(lengths)
+    resolved = "padded" if padded else _resolved_backend(backend, px, px.dtype)
+    return Mode(
+        "padded" if padded else "packed", resolved, step, rows, sum(lengths),
+        model.flops_per_batch(grid, padded=padded),
+    )  # fmt: skip
+
+
+def measure(modes: list[Mode], *, warmup: int, iters: int, device) -> list[ModeResult]:
+    """``warmup`` untimed calls per mode, then ``iters`` timed rounds that run every mode once each.
+
+    Interleaving the modes round by round keeps a shared, noisy machine from favouring whichever
+    mode happened to run while it was quiet; each mode's time is the median of its rounds. Peak
+    memory is read during the first round.
+    """
+    for m in modes:
+        for _ in range(warmup):
+            m.step()
+    samples: dict[str, list[float]] = {m.mode: [] for m in modes}
+    peaks = {}
+    for i in range(max(iters, 1)):
+        for m in modes:
+            with benchutil.peak_memory_tracker(device) as mem:
+                samples[m.mode].append(benchutil.time_fn(m.step, warmup=0, iters=1, device=device))
+            if i == 0:
+                peaks[m.mode] = mem.peak
+    return [
+        ModeResult(
+            m.mode, m.backend, m.rows, m.tokens, m.flops, statistics.median(samples[m.mode]), peaks[m.mode]
+        )
+        for m in modes
+    ]
+
+
 def run_mode(
     model: NativeViT, batch: PackedBatch, *, backend: str, padded: bool, warmup: int, iters: int, device
 ) -> ModeResult:
-    """Time ``model(batch)`` with one attention backend; returns the median of ``iters`` runs."""
-    model.attn_backend = "padded" if padded else backend
-    px = batch.pixel_values.to(device)
-    grid = batch.grid_thw
-    dtype = next(model.parameters()).dtype
-
-    def step():
-        with torch.inference_mode():
-            return model(px.to(dtype), grid)
-
-    with benchutil.peak_memory_tracker(device) as mem:
-        seconds = benchutil.time_fn(step, warmup=warmup, iters=iters, device=device)
-    lengths = [h * w for t, h, w in grid.tolist() for _ in range(t)]
-    rows = len(lengths) * max(lengths) if padded else sum(lengths)
-    resolved = "padded" if padded else _resolved_backend(backend, px, dtype)
-    return ModeResult(
-        "padded" if padded else "packed", resolved, rows, sum(lengths),
-        model.flops_per_batch(grid, padded=padded), seconds, mem.peak,
-    )  # fmt: skip
+    """Time one mode alone (see :func:`measure`)."""
+    mode = encoder_mode(model, batch, backend=backend, padded=padded, device=device)
+    return measure([mode], warmup=warmup, iters=iters, device=device)[0]
 
 
 def _resolved_backend(backend: str, px: torch.Tensor, dtype: torch.dtype) -> str:
@@ -137,7 +180,9 @@ def report(results: list[ModeResult], peak_flops: float, dtype_name: str) -> lis
             f"speedup packed vs padded: {speedup:.2f}x = {speedup / work['total']:.2f} of the work ratio",
             f"peak memory padded/packed: {q.peak_bytes / max(p.peak_bytes, 1):.2f}x",
         ]
-    lines.append(f"torch.mm roofline at {dtype_name}: {peak_flops / 1e9:.1f} GFLOP/s (mm % = fraction reached)")
+    lines.append(
+        f"torch.mm roofline at {dtype_name}: {peak_flops / 1e9:.1f} GFLOP/s (mm % = fraction reached)"
+    )
     return lines
 
 
@@ -148,11 +193,21 @@ def csv_rows(
     family = "" if model == "qwen2_vl" else f"model={model};"
     for r in results:
         shape = f"{family}set={image_set_name};depth={depth};tokens={r.tokens};rows={r.rows}"
-        common = {"benchmark": "encoder", "backend": f"{r.mode}:{r.backend}", "dtype": dtype_name, "shape": shape}
+        common = {
+            "benchmark": "encoder",
+            "backend": f"{r.mode}:{r.backend}",
+            "dtype": dtype_name,
+            "shape": shape,
+        }
         rows += [
             {**common, "metric": "latency", "value": f"{r.seconds:.6f}", "unit": "s"},
             {**common, "metric": "tokens_per_s", "value": f"{r.tokens_per_s:.1f}", "unit": "tok/s"},
-            {**common, "metric": "gflops", "value": f"{r.flops['total'] / r.seconds / 1e9:.2f}", "unit": "GFLOP/s"},
+            {
+                **common,
+                "metric": "gflops",
+                "value": f"{r.flops['total'] / r.seconds / 1e9:.2f}",
+                "unit": "GFLOP/s",
+            },
             {**common, "metric": "peak_memory", "value": str(r.peak_bytes), "unit": "B"},
             {**common, "metric": "padding_fraction", "value": f"{r.padding_fraction:.4f}", "unit": ""},
         ]
@@ -173,7 +228,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--full", action="store_true", help="the 32-block tower on every image set, median of 3")
     p.add_argument("--depth", type=int, help="blocks (the family's widths; default 2, the towers have 27-32)")
     p.add_argument(
-        "--model", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl",
+        "--model",
+        choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"],
+        default="qwen2_vl",
         help="tower family (shallow preset: its widths, --depth blocks) and its image processor",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -181,7 +238,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", nargs="+", choices=sorted(IMAGE_SETS), help="image sets (default: seed)")
     p.add_argument("--backend", default="auto", help="attention backend of the packed mode (default auto)")
     p.add_argument("--max-pixels", type=int, default=28 * 28 * 1280, help="processor max_pixels")
-    p.add_argument("--warmup", type=int, help="untimed runs per mode (default 0; a small warm-up batch runs first)")
+    p.add_argument(
+        "--warmup", type=int, help="untimed runs per mode (default 0; a small warm-up batch runs first)"
+    )
     p.add_argument("--iters", type=int, help="timed runs per mode; the median is reported")
     p.add_argument("--compare", choices=["transformers"], help="also time transformers' Qwen2-VL tower")
     p.add_argument("--no-csv", action="store_true", help="do not append results to benchmarks/results/")
@@ -216,17 +275,17 @@ def run_bench(args: argparse.Namespace) -> int:
         batch = proc(image_set(name))
         print(
             f"\n[{name}] {batch.num_images} input(s), {len(batch.cu_seqlens) - 1} segments, "
-            f"{batch.num_tokens} patch tokens ({sum(batch.tokens_per_image)} merged), longest {batch.max_seqlen}"
+            f"{batch.num_tokens} patch tokens ({sum(batch.tokens_per_image)} merged), "
+            f"longest {batch.max_seqlen}"
         )
-        results = []
-        for padded in (False, True):
-            t0 = time.perf_counter()
-            results.append(
-                run_mode(model, batch, backend=args.backend, padded=padded, warmup=warmup, iters=iters, device=device)
-            )
-            print(f"  ... {results[-1].mode} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        modes = [
+            encoder_mode(model, batch, backend=args.backend, padded=p, device=device) for p in (False, True)
+        ]
         if args.compare == "transformers":
-            results.append(time_transformers(model, batch, warmup=warmup, iters=iters, device=device))
+            modes.append(transformers_mode(model, batch, device=device))
+        t0 = time.perf_counter()
+        results = measure(modes, warmup=warmup, iters=iters, device=device)
+        print(f"  ... measured in {time.perf_counter() - t0:.0f} s", flush=True)
         print("\n".join("  " + line for line in report(results, peak, args.dtype)))
         all_rows += csv_rows(
             results, image_set_name=name, dtype_name=args.dtype, depth=depth, model=args.model
@@ -249,7 +308,7 @@ def _warm_up(model: NativeViT, proc: ImageProcessor, device, dtype) -> None:
     model.attn_backend = backend
 
 
-def time_transformers(model: NativeViT, batch: PackedBatch, *, warmup: int, iters: int, device) -> ModeResult:
+def transformers_mode(model: NativeViT, batch: PackedBatch, *, device) -> Mode:
     """transformers' ``Qwen2VisionTransformerPretrainedModel`` (sdpa) with the same weights."""
     try:
         from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -270,7 +329,5 @@ def time_transformers(model: NativeViT, batch: PackedBatch, *, warmup: int, iter
         with torch.inference_mode():
             return hf(px, grid_thw=grid)
 
-    with benchutil.peak_memory_tracker(device) as mem:
-        seconds = benchutil.time_fn(step, warmup=warmup, iters=iters, device=device)
-    lengths = [h * w for t, h, w in batch.grid_thw.tolist() for _ in range(t)]
-    return ModeResult("hf", "sdpa", sum(lengths), sum(lengths), flops(model.config, lengths), seconds, mem.peak)
+    tokens = batch.num_tokens
+    return Mode("hf", "sdpa", step, tokens, tokens, model.flops_per_batch(batch.grid_thw))

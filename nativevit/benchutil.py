@@ -96,7 +96,8 @@ def mm_peak_flops(dtype: torch.dtype, device="cpu", n: int = 2048, iters: int = 
 
 
 def peak_memory_tracker(device: torch.device | str):
-    """Context manager measuring peak memory (bytes): CUDA allocator stats, or process RSS high-water mark on CPU."""
+    """Context manager measuring peak memory (bytes): CUDA allocator stats, or on CPU the process's
+    resident-set high-water mark above its level at entry."""
     return _PeakMemory(torch.device(device))
 
 

@@ -91,7 +91,9 @@ def _weight_files(path: Path) -> dict[str, list[str]]:
         with safe_open(single, framework="pt") as f:
             return {SINGLE_FILE: list(f.keys())}
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+    hint = (
+        f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+    )
     raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no {SINGLE_FILE}{hint}")
 
 
@@ -208,6 +210,8 @@ def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int 
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(path / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+        "weight_map": weight_map,
+    }
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

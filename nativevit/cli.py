@@ -17,7 +17,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     from .benchmark import DTYPES, IMAGE_SETS
 
-    p = sub.add_parser("profile", help="one encoder forward under torch.profiler: per-op table + Chrome trace")
+    p = sub.add_parser(
+        "profile", help="one encoder forward under torch.profiler: per-op table + Chrome trace"
+    )
     p.add_argument("--depth", type=int, default=2, help="number of blocks (Qwen2-VL widths)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")

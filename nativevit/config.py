@@ -48,12 +48,24 @@ MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _HF_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2_vl": {},
     "qwen2_5_vl": dict(
-        embed_dim=3584, depth=32, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
-        hidden_act="silu", window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
+        embed_dim=3584,
+        depth=32,
+        num_heads=16,
+        intermediate_size=3420,
+        out_hidden_size=3584,
+        hidden_act="silu",
+        window_size=112,
+        fullatt_block_indexes=(7, 15, 23, 31),
     ),
     "qwen3_vl": dict(
-        embed_dim=1152, depth=27, num_heads=16, intermediate_size=4304, out_hidden_size=3584,
-        hidden_act="gelu_pytorch_tanh", patch_size=16, num_position_embeddings=2304,
+        embed_dim=1152,
+        depth=27,
+        num_heads=16,
+        intermediate_size=4304,
+        out_hidden_size=3584,
+        hidden_act="gelu_pytorch_tanh",
+        patch_size=16,
+        num_position_embeddings=2304,
         deepstack_visual_indexes=(8, 16, 24),
     ),
 }
@@ -214,8 +226,15 @@ class VisionConfig:
         width 1280, 32 blocks, 16 heads of dim 80, SwiGLU 3420, RMSNorm, 112-px windows (8x8 patches)
         with full attention in blocks 7, 15, 23, 31."""
         base = dict(
-            model_type="qwen2_5_vl", embed_dim=1280, depth=32, num_heads=16, intermediate_size=3420,
-            out_hidden_size=3584, hidden_act="silu", window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
+            model_type="qwen2_5_vl",
+            embed_dim=1280,
+            depth=32,
+            num_heads=16,
+            intermediate_size=3420,
+            out_hidden_size=3584,
+            hidden_act="silu",
+            window_size=112,
+            fullatt_block_indexes=(7, 15, 23, 31),
         )
         base.update(overrides)
         return cls(**base)
@@ -230,8 +249,14 @@ class VisionConfig:
     @classmethod
     def qwen2_5_vl_tiny(cls, **overrides: Any) -> VisionConfig:
         """A 4-block, width-64 Qwen2.5-VL tower for tests: windowed blocks 0, 2; full 1, 3."""
-        base = dict(embed_dim=64, depth=4, num_heads=4, intermediate_size=96, out_hidden_size=48,
-                    fullatt_block_indexes=(1, 3))
+        base = dict(
+            embed_dim=64,
+            depth=4,
+            num_heads=4,
+            intermediate_size=96,
+            out_hidden_size=48,
+            fullatt_block_indexes=(1, 3),
+        )
         base.update(overrides)
         return cls.qwen2_5_vl(**base)
 
@@ -242,8 +267,15 @@ class VisionConfig:
         position table, DeepStack mergers after blocks 8, 16, 24, merged to 4096. Other releases differ
         in these numbers; their config.json says how (``from_hf_dict``)."""
         base = dict(
-            model_type="qwen3_vl", embed_dim=1152, depth=27, num_heads=16, intermediate_size=4304,
-            out_hidden_size=4096, hidden_act="gelu_pytorch_tanh", patch_size=16, num_position_embeddings=2304,
+            model_type="qwen3_vl",
+            embed_dim=1152,
+            depth=27,
+            num_heads=16,
+            intermediate_size=4304,
+            out_hidden_size=4096,
+            hidden_act="gelu_pytorch_tanh",
+            patch_size=16,
+            num_position_embeddings=2304,
             deepstack_visual_indexes=(8, 16, 24),
         )
         base.update(overrides)
@@ -258,8 +290,15 @@ class VisionConfig:
     @classmethod
     def qwen3_vl_tiny(cls, **overrides: Any) -> VisionConfig:
         """A 3-block, width-32 Qwen3-VL tower for tests: 8x8 position table, DeepStack after 0 and 2."""
-        base = dict(embed_dim=32, depth=3, num_heads=4, intermediate_size=48, out_hidden_size=40,
-                    num_position_embeddings=64, deepstack_visual_indexes=(0, 2))
+        base = dict(
+            embed_dim=32,
+            depth=3,
+            num_heads=4,
+            intermediate_size=48,
+            out_hidden_size=40,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=(0, 2),
+        )
         base.update(overrides)
         return cls.qwen3_vl(**base)
 
@@ -297,12 +336,24 @@ class VisionConfig:
         if family not in MODEL_TYPES:
             raise ValueError(f"model_type {family!r} is not a supported tower family; expected {MODEL_TYPES}")
         fields = {f.name for f in dataclasses.fields(cls)} - {
-            "model_type", "norm_type", "mlp_type", "patch_bias", "norm_eps", "rope_theta", "embed_dim",
+            "model_type",
+            "norm_type",
+            "mlp_type",
+            "patch_bias",
+            "norm_eps",
+            "rope_theta",
+            "embed_dim",
         }
         if family == "qwen2_vl":
             renames = {"hidden_size": "out_hidden_size", "embed_dim": "embed_dim"}
-            fields -= {"out_hidden_size", "intermediate_size", "window_size", "fullatt_block_indexes",
-                       "num_position_embeddings", "deepstack_visual_indexes"}
+            fields -= {
+                "out_hidden_size",
+                "intermediate_size",
+                "window_size",
+                "fullatt_block_indexes",
+                "num_position_embeddings",
+                "deepstack_visual_indexes",
+            }
         else:
             renames = {"hidden_size": "embed_dim", "out_hidden_size": "out_hidden_size"}
             fields -= {"mlp_ratio"}

@@ -202,7 +202,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.hidden = dim * merge_size**2
         self.ln_q = _norm(norm, dim, eps)
-        self.mlp = nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, out_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.hidden))  # (N/m^2, out_dim)
@@ -213,7 +215,13 @@ class Qwen3PatchMerger(nn.Module):
     shuffled ``4*D`` vector (``postshuffle_norm``, the DeepStack mergers), then fc1, GELU, fc2."""
 
     def __init__(
-        self, *, dim: int, out_dim: int, merge_size: int, eps: float, norm: str = "layernorm",
+        self,
+        *,
+        dim: int,
+        out_dim: int,
+        merge_size: int,
+        eps: float,
+        norm: str = "layernorm",
         postshuffle_norm: bool = False,
     ):
         super().__init__()
@@ -341,7 +349,9 @@ class NativeViT(nn.Module):
         rope_backend: RoPE backend ("auto", "torch", ...).
     """
 
-    def __init__(self, cfg: VisionConfig | None = None, *, attn_backend: str = "auto", rope_backend: str = "auto"):
+    def __init__(
+        self, cfg: VisionConfig | None = None, *, attn_backend: str = "auto", rope_backend: str = "auto"
+    ):
         super().__init__()
         self.config = cfg = cfg if cfg is not None else VisionConfig.qwen2_vl()
         self.patch_embed = PatchEmbed(

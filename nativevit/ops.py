@@ -52,8 +52,9 @@ def varlen_attention_ref(
             stop = start + n * (j - i)
             shape = (j - i, n, *q.shape[1:])
             outs.append(
-                _sdpa(q[start:stop].view(shape), k[start:stop].view(shape), v[start:stop].view(shape), scale)
-                .reshape(-1, *q.shape[1:])
+                _sdpa(
+                    q[start:stop].view(shape), k[start:stop].view(shape), v[start:stop].view(shape), scale
+                ).reshape(-1, *q.shape[1:])
             )
             start = stop
         i = j
@@ -135,11 +136,7 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, li
     """Backends of each op that can run on ``device`` (default: this machine, any device)."""
     device_types = [torch.device(device).type] if device is not None else _device_types()
     return {
-        op: [
-            name
-            for name, b in backends.items()
-            if any(b.unavailable(dt) is None for dt in device_types)
-        ]
+        op: [name for name, b in backends.items() if any(b.unavailable(dt) is None for dt in device_types)]
         for op, backends in _BACKENDS.items()
     }
 
@@ -161,9 +158,7 @@ def resolve_backend(op: str, backend: str, x: torch.Tensor) -> Backend:
         return _BACKENDS[op]["torch"]
     b = _BACKENDS[op].get(backend)
     if b is None:
-        raise ValueError(
-            f"unknown {op} backend {backend!r}; known: {sorted(_BACKENDS[op])} (or 'auto')"
-        )
+        raise ValueError(f"unknown {op} backend {backend!r}; known: {sorted(_BACKENDS[op])} (or 'auto')")
     why = b.unavailable(device_type) or b.rejects(x)
     if why is not None:
         raise RuntimeError(f"{op} backend {backend!r} cannot run on {device_type} tensors: {why}")
@@ -251,7 +246,9 @@ def apply_rope_2d(
         if x.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {x.dtype}")
         if tuple(x.shape) != expected:
-            raise ValueError(f"{name} must have shape (total, head_dim//2) = {expected}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must have shape (total, head_dim//2) = {expected}, got {tuple(x.shape)}"
+            )
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
     return resolve_backend("rope", backend, q).fn(q, k, cos, sin)
@@ -280,10 +277,14 @@ def _flash_attn(q, k, v, segments: Segments, scale: float) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
     cu = segments.cu_seqlens
-    return flash_attn_varlen_func(q, k, v, cu, cu, segments.max_seqlen, segments.max_seqlen, softmax_scale=scale)
+    return flash_attn_varlen_func(
+        q, k, v, cu, cu, segments.max_seqlen, segments.max_seqlen, softmax_scale=scale
+    )
 
 
-register_backend("attention", Backend("flash_attn", _flash_attn, _flash_attn_unavailable, _flash_attn_rejects))
+register_backend(
+    "attention", Backend("flash_attn", _flash_attn, _flash_attn_unavailable, _flash_attn_rejects)
+)
 
 
 def _load_builtin_backends() -> None:

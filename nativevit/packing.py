@@ -84,9 +84,7 @@ class Segments:
     _pad_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_cu_seqlens(
-        cls, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None = None
-    ) -> Segments:
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None = None) -> Segments:
         offsets = check_cu_seqlens(cu_seqlens, total)
         lengths = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
         longest = max(lengths)

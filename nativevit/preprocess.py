@@ -133,8 +133,12 @@ class ImageProcessor:
     def qwen3_vl(cls, **overrides) -> ImageProcessor:
         """Qwen3-VL releases: 16-px patches (factor 32), 65536..16777216 pixels, mean = std = 0.5."""
         base = dict(
-            min_pixels=65536, max_pixels=16777216, patch_size=16, image_mean=(0.5, 0.5, 0.5),
-            image_std=(0.5, 0.5, 0.5), pixel_cap=16777216,
+            min_pixels=65536,
+            max_pixels=16777216,
+            patch_size=16,
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
+            pixel_cap=16777216,
         )
         return cls(**{**base, **overrides})
 
@@ -143,7 +147,9 @@ class ImageProcessor:
         """The preset of a tower family (``VisionConfig.model_type``)."""
         presets = {"qwen2_vl": cls.qwen2_vl, "qwen2_5_vl": cls.qwen2_5_vl, "qwen3_vl": cls.qwen3_vl}
         if model_type not in presets:
-            raise ValueError(f"no ImageProcessor preset for model_type {model_type!r}; known: {sorted(presets)}")
+            raise ValueError(
+                f"no ImageProcessor preset for model_type {model_type!r}; known: {sorted(presets)}"
+            )
         return presets[model_type](**overrides)
 
     @property
@@ -228,7 +234,9 @@ class ImageProcessor:
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return x.reshape(gt * gh * gw, c * t * p * p)
 
-    def preprocess(self, item, where: str = "input") -> tuple[np.ndarray, tuple[int, int, int], tuple[int, int]]:
+    def preprocess(
+        self, item, where: str = "input"
+    ) -> tuple[np.ndarray, tuple[int, int, int], tuple[int, int]]:
         """One image or video -> (patch rows, (t, h, w) grid, original (height, width))."""
         if isinstance(item, np.ndarray) and item.ndim == 4:
             frames = [item[i] for i in range(item.shape[0])]
@@ -238,7 +246,9 @@ class ImageProcessor:
             frames = [item]
         if not frames:
             raise ValueError(f"{where}: a video needs at least one frame")
-        rgb = [self._load(f, f"{where} frame {i}" if len(frames) > 1 else where) for i, f in enumerate(frames)]
+        rgb = [
+            self._load(f, f"{where} frame {i}" if len(frames) > 1 else where) for i, f in enumerate(frames)
+        ]
         height, width = rgb[0].shape[:2]
         for i, r in enumerate(rgb[1:], 1):
             if r.shape[:2] != (height, width):
@@ -271,6 +281,10 @@ class ImageProcessor:
             rows.append(r)
             grids.append(g)
             sizes.append(s)
+        return self._packed(rows, grids, sizes)
+
+    def _packed(self, rows, grids, sizes, views_per_image=None) -> PackedBatch:
+        """Patch rows and ``(t, h, w)`` grids of every image (or view) -> one ``PackedBatch``."""
         grid_thw = torch.tensor(grids, dtype=torch.int64)
         return PackedBatch(
             pixel_values=torch.from_numpy(np.concatenate(rows)),
@@ -279,6 +293,7 @@ class ImageProcessor:
             max_seqlen=max(h * w for _, h, w in grids),
             image_sizes=sizes,
             spatial_merge_size=self.merge_size,
+            views_per_image=views_per_image,
         )
 
     def _pack_views(self, images) -> PackedBatch:
@@ -304,16 +319,7 @@ class ImageProcessor:
                 grids.append((1, h // self.patch_size, w // self.patch_size))
             sizes.append(rgb.shape[:2])
             counts.append(len(views))
-        grid_thw = torch.tensor(grids, dtype=torch.int64)
-        return PackedBatch(
-            pixel_values=torch.from_numpy(np.concatenate(rows)),
-            grid_thw=grid_thw,
-            cu_seqlens=cu_seqlens_from_grid(grid_thw),
-            max_seqlen=max(h * w for _, h, w in grids),
-            image_sizes=sizes,
-            spatial_merge_size=self.merge_size,
-            views_per_image=counts,
-        )
+        return self._packed(rows, grids, sizes, views_per_image=counts)
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:

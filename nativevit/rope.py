@@ -21,8 +21,16 @@ def rope_position_ids(grid_thw: list[tuple[int, int, int]], merge_size: int = 2)
     """``(N, 2)`` int64 (row, col) of every patch, in the 2x2 merge-block row order of the processor."""
     ids = []
     for t, h, w in grid_thw:
-        rows = torch.arange(h).view(h // merge_size, merge_size, 1, 1).expand(-1, -1, w // merge_size, merge_size)
-        cols = torch.arange(w).view(1, 1, w // merge_size, merge_size).expand(h // merge_size, merge_size, -1, -1)
+        rows = (
+            torch.arange(h)
+            .view(h // merge_size, merge_size, 1, 1)
+            .expand(-1, -1, w // merge_size, merge_size)
+        )
+        cols = (
+            torch.arange(w)
+            .view(1, 1, w // merge_size, merge_size)
+            .expand(h // merge_size, merge_size, -1, -1)
+        )
         # (h/m, m_h, w/m, m_w) -> block-major (h/m, w/m, m_h, m_w)
         pos = torch.stack([rows.transpose(1, 2).reshape(-1), cols.transpose(1, 2).reshape(-1)], dim=-1)
         ids.append(pos.repeat(t, 1))

@@ -26,8 +26,15 @@ def hf_tower(depth=2, embed_dim=64, num_heads=4, hidden_size=48, seed=0, attn="s
 
     torch.manual_seed(seed)
     cfg = Qwen2VLVisionConfig(
-        depth=depth, embed_dim=embed_dim, num_heads=num_heads, hidden_size=hidden_size, mlp_ratio=4,
-        patch_size=14, temporal_patch_size=2, spatial_merge_size=2, attn_implementation=attn,
+        depth=depth,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        mlp_ratio=4,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        attn_implementation=attn,
     )
     model = Qwen2VisionTransformerPretrainedModel(cfg).double().eval()
     with torch.no_grad():
@@ -47,9 +54,16 @@ def write_released_checkpoint(hf_model, path: Path, *, prefix="visual.", n_shard
         "model_type": "qwen2_vl",
         "hidden_size": c.hidden_size,
         "vision_config": {
-            "depth": c.depth, "embed_dim": c.embed_dim, "mlp_ratio": c.mlp_ratio, "num_heads": c.num_heads,
-            "in_chans": 3, "hidden_size": c.hidden_size, "patch_size": 14, "spatial_merge_size": 2,
-            "spatial_patch_size": 14, "temporal_patch_size": 2,
+            "depth": c.depth,
+            "embed_dim": c.embed_dim,
+            "mlp_ratio": c.mlp_ratio,
+            "num_heads": c.num_heads,
+            "in_chans": 3,
+            "hidden_size": c.hidden_size,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "temporal_patch_size": 2,
         },
     }
     (path / "config.json").write_text(json.dumps(config))

@@ -42,7 +42,9 @@ def test_single_file_round_trip_loads_into_transformers(tmp_path):
     grid = torch.tensor([[1, 4, 6]])
     px = torch.randn(24, 1176, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(model(px, grid), hf(px, grid_thw=grid).pooler_output, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            model(px, grid), hf(px, grid_thw=grid).pooler_output, rtol=1e-10, atol=1e-12
+        )
 
 
 def test_dtype_and_device_arguments(tmp_path):
@@ -107,7 +109,13 @@ def test_config_from_release_fields():
     # Qwen2-VL-7B-Instruct's vision_config sets only these; the rest are the 7B defaults
     cfg = nv.VisionConfig.from_hf_dict({"in_chans": 3, "model_type": "qwen2_vl", "spatial_patch_size": 14})
     assert cfg == nv.VisionConfig.qwen2_vl()
-    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.head_dim, cfg.out_hidden_size) == (1280, 32, 16, 80, 3584)
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.head_dim, cfg.out_hidden_size) == (
+        1280,
+        32,
+        16,
+        80,
+        3584,
+    )
     two_b = nv.VisionConfig.from_hf_dict({"hidden_size": 1536, "num_hidden_layers": 32})
     assert two_b.out_hidden_size == 1536
     with pytest.raises(ValueError, match="does not know"):

@@ -61,9 +61,7 @@ def test_vision_only_checkpoint_layout(tower, tmp_path):
         assert rel_err(model(px, GRID), tower(px, grid_thw=GRID).pooler_output) < 1e-10
 
 
-@pytest.mark.parametrize(
-    "dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)]
-)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_low_precision_runs_close_to_fp64(tower, tmp_path, dtype, tol):
     path = write_released_checkpoint(tower, tmp_path / "ckpt")
     ref_model = nv.NativeViT.from_pretrained(path)

@@ -59,7 +59,10 @@ def test_smart_resize_matches_transformers_on_many_sizes():
         for h, w in sizes:
             if max(h, w) / min(h, w) > 200:
                 continue
-            assert smart_resize(h, w, 28, 3136, max_pixels) == hf_smart_resize(h, w, 28, 3136, max_pixels), (h, w)
+            assert smart_resize(h, w, 28, 3136, max_pixels) == hf_smart_resize(h, w, 28, 3136, max_pixels), (
+                h,
+                w,
+            )
 
 
 @pytest.mark.parametrize("max_pixels", [CLASS_MAX, HUB_MAX])
@@ -134,7 +137,9 @@ def test_video_frames_and_temporal_padding():
     v = batch.pixel_values[:32].view(2, 16, 3, 2, 14, 14)
     single = [proc([f]).pixel_values.view(16, 3, 2, 14, 14)[:, :, 0] for f in frames]
     assert torch.equal(v[0, :, :, 0], single[0]) and torch.equal(v[0, :, :, 1], single[1])
-    assert torch.equal(v[1, :, :, 0], single[2]) and torch.equal(v[1, :, :, 1], single[2])  # last frame repeated
+    assert torch.equal(v[1, :, :, 0], single[2]) and torch.equal(
+        v[1, :, :, 1], single[2]
+    )  # last frame repeated
     as_array = proc([np.stack(frames)])
     assert torch.equal(as_array.pixel_values, batch.pixel_values[:32])
 
@@ -181,7 +186,9 @@ def test_bad_inputs(tmp_path):
 
 def test_pixel_cap_and_input_cap():
     with pytest.raises(ValueError, match="pixel cap"):
-        nv.ImageProcessor(min_pixels=56 * 56, max_pixels=HUB_MAX, pixel_cap=500_000)([random_image(1000, 1000)])
+        nv.ImageProcessor(min_pixels=56 * 56, max_pixels=HUB_MAX, pixel_cap=500_000)(
+            [random_image(1000, 1000)]
+        )
     with pytest.raises(ValueError, match="max_input_pixels"):
         nv.ImageProcessor(max_input_pixels=10_000)([random_image(200, 200)])
     # a lazily opened huge PNG is refused before it is decoded
