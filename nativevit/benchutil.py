@@ -87,12 +87,14 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, iters: int = 3, device
     return statistics.median(samples)
 
 
-def mm_peak_flops(dtype: torch.dtype, device="cpu", n: int = 2048, iters: int = 3) -> float:
-    """FLOP/s of a square ``torch.mm`` at ``dtype``: the roofline every benchmark reports against."""
+def mm_peak_flops(dtype: torch.dtype, device="cpu", n: int = 2048, iters: int = 5) -> float:
+    """Peak FLOP/s of a square ``torch.mm`` at ``dtype``, the roofline every benchmark reports against:
+    the best of ``iters`` timed calls (a peak; on a shared machine the median wanders with the load)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    seconds = time_fn(lambda: torch.mm(a, b), warmup=1, iters=iters, device=device)
-    return 2 * n**3 / seconds
+    torch.mm(a, b)  # warm-up
+    best = min(time_fn(lambda: torch.mm(a, b), warmup=0, iters=1, device=device) for _ in range(iters))
+    return 2 * n**3 / best
 
 
 def peak_memory_tracker(device: torch.device | str):
