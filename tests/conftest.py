@@ -71,6 +71,11 @@ def write_released_checkpoint(hf_model, path: Path, *, prefix="visual.", n_shard
     if extra_keys:
         tensors["model.embed_tokens.weight"] = torch.randn(10, c.hidden_size, dtype=torch.float64)
         tensors["lm_head.weight"] = torch.randn(10, c.hidden_size, dtype=torch.float64)
+    return write_shards(path, tensors, n_shards)
+
+
+def write_shards(path: Path, tensors: dict[str, torch.Tensor], n_shards: int) -> Path:
+    """``tensors`` as ``n_shards`` safetensors files plus the index, as releases ship them."""
     keys = sorted(tensors)
     weight_map = {}
     for i in range(n_shards):

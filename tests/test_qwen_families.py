@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
-from safetensors.torch import save_file
+from conftest import rel_err, write_shards
 
 import nativevit as nv
 from nativevit import ops
@@ -124,15 +123,7 @@ def write_release(hf_model, path: Path, *, prefix: str, n_shards: int = 2) -> Pa
     tensors = {prefix + k: v.detach().clone().contiguous() for k, v in hf_model.state_dict().items()}
     tensors["model.language_model.embed_tokens.weight"] = torch.randn(10, 24, dtype=torch.float64)
     tensors["lm_head.weight"] = torch.randn(10, 24, dtype=torch.float64)
-    keys = sorted(tensors)
-    weight_map = {}
-    for i in range(n_shards):
-        fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        shard = {k: tensors[k] for k in keys[i::n_shards]}
-        save_file(shard, str(path / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
+    return write_shards(path, tensors, n_shards)
 
 
 def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> str:
