@@ -113,7 +113,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._base = _rss_bytes()
+            self._base = _proc_status_bytes("VmRSS")
             _reset_peak_rss()
         return self
 
@@ -121,13 +121,14 @@ class _PeakMemory:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
-            self.peak = max(0, _peak_rss_bytes() - self._base)
+            self.peak = max(0, _proc_status_bytes("VmHWM") - self._base)
 
 
-def _rss_bytes() -> int:
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (e.g. ``VmRSS``, ``VmHWM``) in bytes; 0 where unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -140,16 +141,6 @@ def _reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def append_csv(path: str | Path, rows: Iterable[dict]) -> Path:
