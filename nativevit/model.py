@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import VisionConfig
-from .packing import Segments, check_grid_thw, pad_segments, unpad_segments
-from .rope import rope_cos_sin, rope_position_ids
+from .packing import LAYOUTS, BatchPlan, PaddedWindows, Segments, check_grid_thw, plan_batch
 
 
 class QuickGELU(nn.Module):
@@ -127,7 +126,8 @@ class Attention(nn.Module):
         q, k = ops.apply_rope_2d(q, k, cos, sin, backend=self.rope_backend)
         if relayout is not None:
             q, k, v = (relayout.to_windows(t) for t in (q, k, v))
-        out = ops.varlen_attention(q, k, v, segments, scale=self.scale, backend=self.attn_backend)
+        backend = "padded" if segments.padded else self.attn_backend
+        out = ops.varlen_attention(q, k, v, segments, scale=self.scale, backend=backend)
         if relayout is not None:
             out = relayout.to_frames(out)
         return self.proj(out.reshape(n, -1))
@@ -245,105 +245,6 @@ class Qwen3PatchMerger(nn.Module):
         return self.linear_fc2(self.act(self.linear_fc1(x)))  # (N/m^2, out_dim)
 
 
-# ----------------------------------------------------------------------------- window attention
-
-
-def window_partition(
-    grid_thw: list[tuple[int, int, int]], *, window: int, merge_size: int = 2
-) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Qwen2.5-VL's windows of a batch: ``(order, lengths)``, host-side.
-
-    Each frame's ``(h/m, w/m)`` grid of merged tokens is cut into ``window x window`` tiles (edge
-    tiles smaller), raster over tiles and raster inside each. ``order`` ``(N/m^2,)`` int64 lists the
-    merged tokens (batch indices) in window order; ``lengths`` the patches per window. The release
-    (``get_vision_window_index``) pads a side that is already a multiple of the window by one more
-    whole tile and then drops the resulting empty windows with ``unique_consecutive``; padding to the
-    next multiple only gives the same windows.
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1 merged token, got {window}")
-    orders, lengths, offset = [], [], 0
-    for t, h, w in grid_thw:
-        lh, lw = h // merge_size, w // merge_size
-        nh, nw = -(-lh // window), -(-lw // window)
-        idx = torch.arange(t * lh * lw).view(t, lh, lw)
-        idx = F.pad(idx, (0, nw * window - lw, 0, nh * window - lh), value=-1)  # -1: outside the frame
-        # (t, nh, window, nw, window) -> one row per tile, raster over tiles, raster inside
-        tiles = idx.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(-1, window * window)
-        valid = tiles >= 0
-        orders.append(tiles[valid] + offset)
-        lengths.extend((valid.sum(1) * merge_size**2).tolist())
-        offset += t * lh * lw
-    return torch.cat(orders), tuple(lengths)
-
-
-@dataclass(eq=False)
-class WindowLayout:
-    """Window attention metadata of one batch, built once per forward.
-
-    ``order`` ``(N,)``: patch rows in window order (``x[order]``), whole 2x2 merge groups moved
-    together; ``inverse`` undoes it; ``segments`` has one segment per window over the permuted rows.
-    """
-
-    order: torch.Tensor
-    inverse: torch.Tensor
-    segments: Segments
-
-    @classmethod
-    def from_grid(
-        cls, grid_thw: list[tuple[int, int, int]], *, window: int, merge_size: int, device: torch.device | str
-    ) -> WindowLayout:
-        merged, lengths = window_partition(grid_thw, window=window, merge_size=merge_size)
-        unit = merge_size**2
-        order = (merged[:, None] * unit + torch.arange(unit)).flatten()
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-        return cls(order.to(device), inverse.to(device), Segments(cu, lengths, max(lengths)))
-
-
-@dataclass(eq=False)
-class PaddedWindows:
-    """Padded baseline, windowed block: its rows are frames padded to the longest frame, its attention
-    runs on windows padded to the longest window, so q, k, v go there and the output comes back."""
-
-    frames: Segments
-    windows: Segments
-
-    def to_windows(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_segments(unpad_segments(x, self.frames), self.windows)
-
-    def to_frames(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_segments(unpad_segments(x, self.windows), self.frames)
-
-
-# ----------------------------------------------------------------------------- learned positions
-
-
-def position_table_taps(
-    grid_thw: list[tuple[int, int, int]], side: int, merge_size: int = 2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3-VL's resampling of a ``(side, side)`` learned table to every patch: bilinear with
-    ``align_corners=True`` (row ``i`` of an ``h``-row grid reads source row ``i*(side-1)/(h-1)``,
-    border-clamped), as 4 gather indices ``(N, 4)`` into the flattened table and their ``(N, 4)``
-    weights, in the processor's 2x2 block row order and repeated over t. Weights are computed in
-    float32, as the release does, so fp64 models match it exactly.
-    """
-    pos = rope_position_ids(grid_thw, merge_size)  # (N, 2) (row, col), block-major
-    counts = torch.tensor([t * h * w for t, h, w in grid_thw])
-    sizes = torch.tensor([[h, w] for _, h, w in grid_thw]).repeat_interleave(counts, dim=0)  # (N, 2)
-    offsets = torch.arange(2)
-    taps, weights = [], []
-    for axis in (0, 1):
-        src = pos[:, axis].float() * (side - 1) / (sizes[:, axis] - 1).clamp(min=1)
-        lo = src.floor()
-        taps.append((lo.long()[:, None] + offsets).clamp(max=side - 1))
-        weights.append((1 - (src[:, None] - lo[:, None] - offsets).abs()).clamp(min=0))
-    index = (taps[0][:, :, None] * side + taps[1][:, None, :]).flatten(1)
-    weight = (weights[0][:, :, None] * weights[1][:, None, :]).flatten(1)
-    return index, weight
-
-
 class NativeViT(nn.Module):
     """Qwen2-VL vision tower over a packed batch.
 
@@ -451,94 +352,117 @@ class NativeViT(nn.Module):
             )
         return grid
 
-    def forward_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def plan(
+        self,
+        grid_thw: torch.Tensor | list,
+        *,
+        layout: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> BatchPlan:
+        """The batch's plan (segments, windows, rotary tables, position taps), built once.
+
+        ``grid_thw``: ``(B, 3)`` int ``[t, h, w]``. ``layout``: "packed", or "padded" for the padded
+        baseline; default "padded" when the model's ``attn_backend`` is "padded", else "packed".
+        ``device``: default the model's.
+        """
+        cfg = self.config
+        if layout is None:
+            layout = "padded" if self.attn_backend == "padded" else "packed"
+        if device is None:
+            device = self.patch_embed.proj.weight.device
+        return plan_batch(
+            grid_thw,
+            device=device,
+            layout=layout,
+            merge_size=cfg.spatial_merge_size,
+            head_dim=cfg.head_dim,
+            rope_theta=cfg.rope_theta,
+            window=cfg.window_tokens if any(cfg.windowed_blocks) else 0,
+            pos_side=math.isqrt(cfg.num_position_embeddings),
+        )
+
+    def forward_features(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        *,
+        plan: BatchPlan | None = None,
+        layout: str | None = None,
+    ) -> torch.Tensor:
         """``(N, C*T*P*P)`` patch rows -> ``(N, embed_dim)`` pre-merger states, in the input row order.
 
         This is HF's ``last_hidden_state`` for Qwen2-VL and Qwen3-VL. Qwen2.5-VL's ``last_hidden_state``
         is left in window order by transformers; here it is put back in the input (2x2 block) order, so
-        rows always line up with ``pixel_values``.
+        rows always line up with ``pixel_values``. ``plan``: a plan from :meth:`plan` for this
+        ``grid_thw`` (built here when omitted); ``layout``: "packed" or "padded" (see :meth:`plan`).
         """
-        return self._encode(pixel_values, grid_thw, deepstack=False)[0]
+        return self._encode(pixel_values, grid_thw, plan, layout, deepstack=False)[0]
 
     def forward(
-        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, return_deepstack: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        *,
+        return_deepstack: bool = False,
+        plan: BatchPlan | None = None,
+        layout: str | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``(N, C*T*P*P)`` patch rows -> ``(N/4, out_hidden_size)`` merged tokens (HF ``pooler_output``).
 
         With ``return_deepstack=True``: ``(tokens, [deepstack tokens, ...])``, one ``(N/4,
         out_hidden_size)`` tensor per entry of ``deepstack_visual_indexes`` in block order (HF
-        ``deepstack_features``; an empty list for towers without DeepStack).
+        ``deepstack_features``; an empty list for towers without DeepStack). ``plan`` and ``layout``
+        as in :meth:`forward_features`.
         """
-        x, deepstack = self._encode(pixel_values, grid_thw, deepstack=return_deepstack)
+        x, deepstack = self._encode(pixel_values, grid_thw, plan, layout, deepstack=return_deepstack)
         tokens = self.merger(x)
         return (tokens, deepstack) if return_deepstack else tokens
 
     def _encode(
-        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, deepstack: bool
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        plan: BatchPlan | None,
+        layout: str | None,
+        *,
+        deepstack: bool,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Blocks over the batch: ``(N, embed_dim)`` final states in input order, DeepStack tokens."""
         cfg = self.config
         grid = self._check_inputs(pixel_values, grid_thw)
+        if plan is None:
+            plan = self.plan(grid, layout=layout, device=pixel_values.device)
+        elif layout is not None and layout != plan.layout:
+            raise ValueError(f"layout={layout!r} but the plan was built for {plan.layout!r}")
+        elif plan.grid != tuple(grid):
+            raise ValueError("the plan was built for another grid_thw")
         x = self.patch_embed(pixel_values)
-        if self.pos_embed is not None:
-            side = math.isqrt(cfg.num_position_embeddings)
-            index, weight = position_table_taps(grid, side, cfg.spatial_merge_size)
-            table = self.pos_embed(index.to(x.device)) * weight.to(x.device)[:, :, None]  # (N, 4, D)
-            x = x + table.sum(1).to(x.dtype)
-        segments = Segments.from_grid(grid, x.device)
-        cos, sin = rope_cos_sin(
-            grid,
-            cfg.head_dim,
-            theta=cfg.rope_theta,
-            merge_size=cfg.spatial_merge_size,
-            device=x.device,
-        )
-        windowed = cfg.windowed_blocks
-        windows = None
-        if any(windowed):
-            windows = WindowLayout.from_grid(
-                grid, window=cfg.window_tokens, merge_size=cfg.spatial_merge_size, device=x.device
-            )
-            x, cos, sin = (t.index_select(0, windows.order) for t in (x, cos, sin))
-        # Each block's attention: (segments, relayout), decided once per batch.
-        full = (segments, None)
-        local = (windows.segments, None) if windows is not None else None
-        if self.attn_backend == "padded":
-            # The padded baseline: every layer runs on a (segments x max_seqlen) batch, as a padded ViT
-            # does, so the linear layers pay for the padding too; attention masks the padded keys.
-            # Windowed blocks attend on windows padded to the longest window.
-            segments = segments.as_padded()
-            x, cos, sin = (pad_segments(t, segments) for t in (x, cos, sin))
-            full = (segments, None)
-            if windows is not None:
-                local = (windows.segments.as_padded(), PaddedWindows(segments, windows.segments))
-
-        def restore(h: torch.Tensor) -> torch.Tensor:
-            if segments.padded:
-                h = unpad_segments(h, segments)
-            return h.index_select(0, windows.inverse) if windows is not None else h
-
+        if plan.pos_taps is not None:
+            index, weight = plan.pos_taps
+            x = x + (self.pos_embed(index) * weight[:, :, None]).sum(1).to(x.dtype)  # (N, 4, D) -> (N, D)
+        x = plan.to_layout(x)
+        cos, sin = plan.rope()
+        attention = {windowed: plan.attention(windowed) for windowed in (False, True)}
         stack = {block: j for j, block in enumerate(cfg.deepstack_visual_indexes)} if deepstack else {}
         features = []
         for i, blk in enumerate(self.blocks):
-            attn_segments, relayout = local if windowed[i] else full
-            x = blk(x, attn_segments, cos, sin, relayout)
+            segments, relayout = attention[cfg.windowed_blocks[i]]
+            x = blk(x, segments, cos, sin, relayout)
             if i in stack:
-                features.append(self.deepstack_merger_list[stack[i]](restore(x)))
-        return restore(x), features
+                features.append(self.deepstack_merger_list[stack[i]](plan.to_input_order(x)))
+        return plan.to_input_order(x), features
 
     # ------------------------------------------------------------------ accounting
 
-    def flops_per_batch(self, grid_thw: torch.Tensor | list, *, padded: bool = False) -> dict[str, int]:
-        """Forward FLOPs of a batch, by term (see :func:`flops`); ``padded`` for the padded baseline."""
+    def flops_per_batch(self, grid_thw: torch.Tensor | list, *, layout: str = "packed") -> dict[str, int]:
+        """Forward FLOPs of a batch by term (see :func:`flops`), in ``layout`` ("packed" or "padded")."""
         cfg = self.config
-        grid = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
-        lengths = [h * w for t, h, w in grid for _ in range(t)]
-        windows = None
-        if any(cfg.windowed_blocks):
-            merge = cfg.spatial_merge_size
-            windows = list(window_partition(grid, window=cfg.window_tokens, merge_size=merge)[1])
-        return flops(cfg, lengths, padded=padded, window_lengths=windows)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        window = cfg.window_tokens if any(cfg.windowed_blocks) else 0
+        plan = plan_batch(grid_thw, merge_size=cfg.spatial_merge_size, window=window)
+        windows = list(plan.windows.segments.lengths) if plan.windows is not None else None
+        return flops(cfg, list(plan.segments.lengths), padded=layout == "padded", window_lengths=windows)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -612,8 +536,5 @@ __all__ = [
     "PatchEmbed",
     "PatchMerger",
     "Qwen3PatchMerger",
-    "WindowLayout",
-    "window_partition",
-    "position_table_taps",
     "flops",
 ]

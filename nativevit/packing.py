@@ -10,10 +10,15 @@ lengths). It is validated and built once per forward, so no layer ever syncs wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .rope import position_table_taps, rope_cos_sin
 
 
 def check_grid_thw(grid_thw: torch.Tensor, merge_size: int = 2) -> list[tuple[int, int, int]]:
@@ -69,43 +74,84 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> list[int]:
     return offsets
 
 
-@dataclass(eq=False)
+def cu_seqlens_from_lengths(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """``(S+1,)`` int32 offsets ``[0, l0, l0+l1, ...]`` of segments of the given host lengths."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
 class Segments:
     """Attention segments of one packed batch: what every layer's varlen attention needs.
 
-    ``cu_seqlens`` lives on the compute device; ``lengths`` and ``max_seqlen`` are host ints read
-    once. The index tensors of the padded layout are built on first use and then reused by every layer.
+    Built from host ``lengths`` (one source of truth): ``cu_seqlens`` ``(S+1,)`` int32 is derived from
+    them on ``device``, contiguous, and ``max_seqlen`` is the longest. Per-batch derived data (the
+    padded layout's index tensors, kernel work lists) is kept in :meth:`cached`, so every layer reuses it.
+
+    ``padded=True`` describes the same segments laid out as a padded batch: ``(S', max_seqlen)`` rows,
+    row-major, S' counting the non-empty segments (see :meth:`as_padded`).
     """
 
-    cu_seqlens: torch.Tensor
-    lengths: tuple[int, ...]
-    max_seqlen: int
-    padded: bool = False
-    _pad_cache: dict = field(default_factory=dict, repr=False)
+    __slots__ = ("lengths", "max_seqlen", "cu_seqlens", "padded", "_cache")
+
+    def __init__(self, lengths: Sequence[int], device: torch.device | str | None = None, *, padded: bool = False):
+        lengths = tuple(int(n) for n in lengths)
+        if not lengths:
+            raise ValueError("a batch needs at least one segment")
+        if min(lengths) < 0:
+            raise ValueError(f"segment lengths must be >= 0, got {min(lengths)}")
+        self.lengths = lengths
+        self.max_seqlen = max(lengths)
+        self.cu_seqlens = cu_seqlens_from_lengths(lengths, device)
+        self.padded = padded
+        self._cache: dict = {}
+
+    def __setattr__(self, name, value):
+        if hasattr(self, "_cache"):
+            raise AttributeError(f"Segments are immutable (tried to set {name!r}); build new ones")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        layout = ", padded" if self.padded else ""
+        return f"Segments({self.num_segments} segments, {self.total} tokens, max {self.max_seqlen}{layout})"
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None = None) -> Segments:
+        """Validate user offsets against a token count (one host read) and build the segments.
+
+        Any stride is fine: the segments keep their own contiguous copy on ``cu_seqlens``' device.
+        ``max_seqlen``, when given, must be at least the longest segment.
+        """
         offsets = check_cu_seqlens(cu_seqlens, total)
-        lengths = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
-        longest = max(lengths)
-        if max_seqlen is not None and max_seqlen < longest:
-            raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest segment ({longest})")
-        return cls(cu_seqlens, lengths, longest)
+        segments = cls([b - a for a, b in zip(offsets[:-1], offsets[1:])], cu_seqlens.device)
+        if max_seqlen is not None and max_seqlen < segments.max_seqlen:
+            raise ValueError(
+                f"max_seqlen={max_seqlen} is smaller than the longest segment ({segments.max_seqlen})"
+            )
+        return segments
 
     @classmethod
-    def from_grid(cls, grid_thw: list[tuple[int, int, int]], device: torch.device | str) -> Segments:
-        lengths = tuple(h * w for t, h, w in grid_thw for _ in range(t))
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
-        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
-        return cls(cu, lengths, max(lengths))
+    def from_grid(cls, grid_thw: Sequence[tuple[int, int, int]], device: torch.device | str | None = None) -> Segments:
+        """One segment of ``h*w`` tokens per frame of each ``(t, h, w)`` grid (host ints)."""
+        return cls([h * w for t, h, w in grid_thw for _ in range(t)], device)
 
     def as_padded(self) -> Segments:
-        """The same segments, laid out as a padded batch: ``(S', max_seqlen)`` rows, row-major, where S'
-        counts the non-empty segments. Only the ``padded`` attention backend takes this layout; the
-        padded baseline encoder runs every layer on it (see ``NativeViT.forward_features``)."""
-        return Segments(self.cu_seqlens, self.lengths, self.max_seqlen, True, self._pad_cache)
+        """The same segments in the padded layout, sharing this batch's cache. Only the ``padded``
+        attention backend takes this layout; the padded baseline runs every layer on it."""
+        out = object.__new__(Segments)
+        for name in ("lengths", "max_seqlen", "cu_seqlens"):
+            object.__setattr__(out, name, getattr(self, name))
+        object.__setattr__(out, "padded", True)
+        object.__setattr__(out, "_cache", self._cache)
+        return out
+
+    def cached(self, key, build: Callable[[], Any]) -> Any:
+        """``build()`` once per batch and key (e.g. a kernel's work list), then the stored value."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    @property
+    def device(self) -> torch.device:
+        return self.cu_seqlens.device
 
     @property
     def num_rows(self) -> int:
@@ -123,22 +169,23 @@ class Segments:
         return sum(self.lengths)
 
     def padded_layout(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(flat index of every token in a ``(S', max_seqlen)`` padded batch, key mask ``(S', L)``, S').
+        """``(flat, mask, S')``: ``flat`` ``(N,)`` int64, the row of every token in the ``(S', max_seqlen)``
+        padded batch; ``mask`` ``(S', max_seqlen)`` bool, True on real keys; S' the non-empty segments.
 
         Empty segments are left out of the padded batch: they have no queries, and an all-masked
         key row would only produce NaNs that nobody reads.
         """
-        device = self.cu_seqlens.device
-        if device not in self._pad_cache:
+
+        def build():
             lengths = torch.tensor([n for n in self.lengths if n > 0], dtype=torch.long)
             n_seg, width = lengths.numel(), self.max_seqlen
             seg = torch.repeat_interleave(torch.arange(n_seg), lengths)
             start = F.pad(lengths.cumsum(0), (1, 0))[:-1]
-            pos = torch.arange(int(lengths.sum())) - start[seg]
-            flat = seg * width + pos
+            flat = seg * width + torch.arange(int(lengths.sum())) - start[seg]
             mask = torch.arange(width)[None, :] < lengths[:, None]
-            self._pad_cache[device] = (flat.to(device), mask.to(device), n_seg)
-        return self._pad_cache[device]
+            return flat.to(self.device), mask.to(self.device), n_seg
+
+        return self.cached(("padded_layout", self.device), build)
 
 
 def pad_segments(x: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -262,6 +309,197 @@ class PackedBatch:
             start += n
         return out
 
-    def padded_tokens(self) -> int:
-        """Rows a padded batch of the same segments holds (``S * max_seqlen``)."""
-        return (self.cu_seqlens.numel() - 1) * self.max_seqlen
+
+# ----------------------------------------------------------------------------- windows
+
+
+def window_partition(
+    grid_thw: list[tuple[int, int, int]], *, window: int, merge_size: int = 2
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Qwen2.5-VL's windows of a batch: ``(order, lengths)``, host-side.
+
+    Each frame's ``(h/m, w/m)`` grid of merged tokens is cut into ``window x window`` tiles (edge
+    tiles smaller), raster over tiles and raster inside each. ``order`` ``(N/m^2,)`` int64 lists the
+    merged tokens (batch indices) in window order; ``lengths`` the patches per window. The release
+    (``get_vision_window_index``) pads a side that is already a multiple of the window by one more
+    whole tile and then drops the resulting empty windows with ``unique_consecutive``; padding to the
+    next multiple only gives the same windows.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 merged token, got {window}")
+    orders, lengths, offset = [], [], 0
+    for t, h, w in grid_thw:
+        lh, lw = h // merge_size, w // merge_size
+        nh, nw = -(-lh // window), -(-lw // window)
+        idx = torch.arange(t * lh * lw).view(t, lh, lw)
+        idx = F.pad(idx, (0, nw * window - lw, 0, nh * window - lh), value=-1)  # -1: outside the frame
+        # (t, nh, window, nw, window) -> one row per tile, raster over tiles, raster inside
+        tiles = idx.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(-1, window * window)
+        valid = tiles >= 0
+        orders.append(tiles[valid] + offset)
+        lengths.extend((valid.sum(1) * merge_size**2).tolist())
+        offset += t * lh * lw
+    return torch.cat(orders), tuple(lengths)
+
+
+@dataclass(eq=False)
+class WindowLayout:
+    """Window attention metadata of one batch, built once per forward.
+
+    ``order`` ``(N,)``: patch rows in window order (``x[order]``), whole 2x2 merge groups moved
+    together; ``inverse`` undoes it; ``segments`` has one segment per window over the permuted rows.
+    """
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    segments: Segments
+
+    @classmethod
+    def from_grid(
+        cls, grid_thw: list[tuple[int, int, int]], *, window: int, merge_size: int, device: torch.device | str
+    ) -> WindowLayout:
+        merged, lengths = window_partition(grid_thw, window=window, merge_size=merge_size)
+        unit = merge_size**2
+        order = (merged[:, None] * unit + torch.arange(unit)).flatten()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        return cls(order.to(device), inverse.to(device), Segments(lengths, device))
+
+
+@dataclass(eq=False)
+class PaddedWindows:
+    """Padded baseline, windowed block: its rows are frames padded to the longest frame, its attention
+    runs on windows padded to the longest window, so q, k, v go there and the output comes back."""
+
+    frames: Segments
+    windows: Segments
+
+    def to_windows(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_segments(unpad_segments(x, self.frames), self.windows)
+
+    def to_frames(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_segments(unpad_segments(x, self.windows), self.frames)
+
+
+# ----------------------------------------------------------------------------- the per-batch plan
+
+LAYOUTS = ("packed", "padded")
+
+
+@dataclass(eq=False)
+class BatchPlan:
+    """Everything a forward derives from the batch's grids, built once by :func:`plan_batch` and shared
+    by every layer (no layer touches the host).
+
+    Attributes:
+        layout: "packed" (rows are the real tokens) or "padded" (the padded baseline: every frame
+            padded to the longest, ``S' * max_seqlen`` rows in every layer, key-padding mask).
+        grid: ``(t, h, w)`` host ints per image (None when built from bare lengths).
+        segments: one attention segment per frame, in ``layout``.
+        windows: window attention (Qwen2.5-VL): the permutation that makes every window contiguous and
+            one segment per window; None without windows.
+        cos, sin: ``(N, head_dim//2)`` float32 rotary tables in the row order of the blocks (window order
+            when there are windows), or None when no rotary embedding was asked for.
+        pos_taps: ``(index (N, 4) int64, weight (N, 4) float32)`` of a learned position table resampled to
+            every patch (Qwen3-VL), in input row order; None without a table.
+    """
+
+    layout: str
+    grid: tuple[tuple[int, int, int], ...] | None
+    segments: Segments
+    windows: WindowLayout | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    pos_taps: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def padded(self) -> bool:
+        return self.layout == "padded"
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens (rows of the input and the output)."""
+        return self.segments.total
+
+    def attention(self, windowed: bool) -> tuple[Segments, PaddedWindows | None]:
+        """What a block attends over: ``(segments, relayout)``. ``relayout`` is set for windowed blocks
+        of the padded baseline, whose rows are padded frames but whose attention runs on padded windows."""
+        if not windowed or self.windows is None:
+            return self.segments, None
+        if self.padded:
+            return self.windows.segments.as_padded(), PaddedWindows(self.segments, self.windows.segments)
+        return self.windows.segments, None
+
+    def to_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, ...)`` rows in input order -> the blocks' rows (window order, padded if padded)."""
+        if self.windows is not None:
+            x = x.index_select(0, self.windows.order)
+        return pad_segments(x, self.segments) if self.padded else x
+
+    def to_input_order(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_layout`: the blocks' rows -> ``(N, ...)`` rows in input order."""
+        if self.padded:
+            x = unpad_segments(x, self.segments)
+        return x.index_select(0, self.windows.inverse) if self.windows is not None else x
+
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` in the blocks' rows (padded if padded)."""
+        if self.cos is None:
+            raise ValueError("this plan was built without rotary tables (plan_batch(head_dim=...))")
+        if self.padded:
+            return pad_segments(self.cos, self.segments), pad_segments(self.sin, self.segments)
+        return self.cos, self.sin
+
+
+def plan_batch(
+    grid_thw: Sequence[Sequence[int]] | torch.Tensor | None = None,
+    *,
+    lengths: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    layout: str = "packed",
+    merge_size: int = 2,
+    head_dim: int | None = None,
+    rope_theta: float = 10000.0,
+    window: int = 0,
+    pos_side: int = 0,
+) -> BatchPlan:
+    """Build a batch's plan: segments (one per frame), window layout, rotary tables, learned-position
+    taps, in ``layout`` ("packed" or "padded").
+
+    Args:
+        grid_thw: ``(B, 3)`` ``[t, h, w]`` patch grids (a tensor is validated and read once), or None
+            with ``lengths`` (towers without grids, e.g. timm models: one segment per length).
+        lengths: segment lengths when there is no grid.
+        device: where the plan's tensors live.
+        merge_size: the spatial merge size (2x2 blocks of the processor's row order).
+        head_dim: build ``(N, head_dim//2)`` rotary tables (``rope_theta``) when set.
+        window: window side in merged tokens (Qwen2.5-VL: 4); 0 for none.
+        pos_side: side of a square learned position table to resample to every patch; 0 for none.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if (grid_thw is None) == (lengths is None):
+        raise ValueError("pass exactly one of grid_thw and lengths")
+    if lengths is not None:
+        segments = Segments(lengths, device)
+        return BatchPlan(layout, None, segments.as_padded() if layout == "padded" else segments)
+    if isinstance(grid_thw, torch.Tensor):
+        grid = tuple(check_grid_thw(grid_thw, merge_size))
+    else:
+        grid = tuple(tuple(int(v) for v in row) for row in grid_thw)
+    segments = Segments.from_grid(grid, device)
+    windows = None
+    if window:
+        windows = WindowLayout.from_grid(grid, window=window, merge_size=merge_size, device=device)
+    cos = sin = None
+    if head_dim is not None:
+        cos, sin = rope_cos_sin(grid, head_dim, theta=rope_theta, merge_size=merge_size, device=device)
+        if windows is not None:
+            cos, sin = cos.index_select(0, windows.order), sin.index_select(0, windows.order)
+    pos_taps = None
+    if pos_side:
+        index, weight = position_table_taps(grid, pos_side, merge_size)
+        pos_taps = (index.to(device), weight.to(device))
+    if layout == "padded":
+        segments = segments.as_padded()
+    return BatchPlan(layout, grid, segments, windows, cos, sin, pos_taps)

@@ -71,3 +71,27 @@ def rope_2d_ref(
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def position_table_taps(
+    grid_thw: list[tuple[int, int, int]], side: int, merge_size: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL's resampling of a ``(side, side)`` learned table to every patch: bilinear with
+    ``align_corners=True`` (row ``i`` of an ``h``-row grid reads source row ``i*(side-1)/(h-1)``,
+    border-clamped), as 4 gather indices ``(N, 4)`` into the flattened table and their ``(N, 4)``
+    weights, in the processor's 2x2 block row order and repeated over t. Weights are computed in
+    float32, as the release does, so fp64 models match it exactly.
+    """
+    pos = rope_position_ids(grid_thw, merge_size)  # (N, 2) (row, col), block-major
+    counts = torch.tensor([t * h * w for t, h, w in grid_thw])
+    sizes = torch.tensor([[h, w] for _, h, w in grid_thw]).repeat_interleave(counts, dim=0)  # (N, 2)
+    offsets = torch.arange(2)
+    taps, weights = [], []
+    for axis in (0, 1):
+        src = pos[:, axis].float() * (side - 1) / (sizes[:, axis] - 1).clamp(min=1)
+        lo = src.floor()
+        taps.append((lo.long()[:, None] + offsets).clamp(max=side - 1))
+        weights.append((1 - (src[:, None] - lo[:, None] - offsets).abs()).clamp(min=0))
+    index = (taps[0][:, :, None] * side + taps[1][:, None, :]).flatten(1)
+    weight = (weights[0][:, :, None] * weights[1][:, None, :]).flatten(1)
+    return index, weight

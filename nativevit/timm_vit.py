@@ -34,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .packing import Segments, pad_segments, unpad_segments
+from .backends.registry import backends
+from .packing import Segments, plan_batch
 
 __all__ = ["TimmPackedEncoder", "from_timm"]
 
@@ -338,7 +339,7 @@ class TimmPackedEncoder(nn.Module):
 
     @attn_backend.setter
     def attn_backend(self, name: str) -> None:
-        known = set(ops._BACKENDS["attention"]) | {"auto"}
+        known = set(backends("attention")) | {"auto"}
         if name not in known:
             raise ValueError(f"unknown attention backend {name!r}; known: {sorted(known)}")
         self._attn_backend = name
@@ -398,9 +399,15 @@ class TimmPackedEncoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, rows: torch.Tensor, grids: list[tuple[int, int]]) -> tuple[torch.Tensor, Segments]:
-        """Packed patch rows -> ``(total, dim)`` packed tokens (each image's prefix tokens, then its
-        patches) and the batch's ``Segments`` (one per image)."""
+    def forward(
+        self, rows: torch.Tensor, grids: list[tuple[int, int]], *, layout: str | None = None
+    ) -> tuple[torch.Tensor, Segments]:
+        """Packed patch rows ``(N, patch_dim)`` -> ``(total, dim)`` packed tokens (each image's prefix
+        tokens, then its patches) and the batch's packed ``Segments`` (one per image).
+
+        ``layout``: "packed", or "padded" for the padded baseline (every block on images padded to
+        the longest); default "padded" when ``attn_backend`` is "padded", else "packed".
+        """
         self._check_training()
         stem = self._stem
         lengths = [h * w for h, w in grids]
@@ -411,34 +418,26 @@ class TimmPackedEncoder(nn.Module):
         x = stem.after_prefix(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
 
         n_pre = stem.num_prefix_tokens
-        seqlens = [n_pre + n for n in lengths]
-        offsets = [0]
-        for n in seqlens:
-            offsets.append(offsets[-1] + n)
-        segments = Segments(
-            torch.tensor(offsets, dtype=torch.int32, device=x.device), tuple(seqlens), max(seqlens)
-        )
-        if self._attn_backend == "padded":
-            # the padded baseline: every layer runs on (images x longest) rows, as a padded ViT does
-            segments = segments.as_padded()
-            x = pad_segments(x, segments)
+        if layout is None:
+            layout = "padded" if self._attn_backend == "padded" else "packed"
+        plan = plan_batch(lengths=[n_pre + n for n in lengths], device=x.device, layout=layout)
+        x = plan.to_layout(x)
         for blk in self.model.blocks[: self._num_blocks()]:
-            x = self._block(blk, x, segments)
-        if segments.padded:
-            x = unpad_segments(x, segments)
-            segments = Segments(segments.cu_seqlens, segments.lengths, segments.max_seqlen)
+            x = self._block(blk, x, plan.segments)
+        x = plan.to_input_order(x)
+        segments = Segments(plan.segments.lengths, x.device) if plan.padded else plan.segments
         if self._apply_norm():
             x = self.model.norm(x)
         return x, segments
 
-    def forward_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_images(self, images: list[torch.Tensor], *, layout: str | None = None) -> list[torch.Tensor]:
         """Encode ``(3, H, W)`` images (sides multiples of the patch size) as one packed batch.
 
         Returns one ``(tokens, dim)`` tensor per image: with the defaults, equal to timm's
         ``model.forward_features(image[None])[0]``.
         """
         rows, grids = self.patchify(images)
-        x, segments = self(rows, grids)
+        x, segments = self(rows, grids, layout=layout)
         out = list(torch.split(x, list(segments.lengths)))
         if not self.prefix_tokens and self.num_prefix_tokens:
             out = [t[self.num_prefix_tokens :] for t in out]
@@ -477,7 +476,8 @@ class TimmPackedEncoder(nn.Module):
         # timm's fused qkv features are [q heads | k heads | v heads]
         q, k, v = attn.qkv(x).view(n, 3, attn.num_heads, attn.head_dim).unbind(1)  # 3 x (N, H, hd)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        out = ops.varlen_attention(q, k, v, segments, scale=attn.scale, backend=self._attn_backend)
+        backend = "padded" if segments.padded else self._attn_backend
+        out = ops.varlen_attention(q, k, v, segments, scale=attn.scale, backend=backend)
         out = attn.norm(out.reshape(n, attn.num_heads * attn.head_dim))
         if gate is not None:
             out = out * gate

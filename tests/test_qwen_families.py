@@ -14,7 +14,8 @@ from conftest import rel_err, write_shards
 
 import nativevit as nv
 from nativevit import ops
-from nativevit.model import WindowLayout, position_table_taps, window_partition
+from nativevit.packing import WindowLayout, window_partition
+from nativevit.rope import position_table_taps
 from nativevit.rope import rope_position_ids
 
 # 14-px grids (Qwen2.5-VL windows are 8x8 patches): smaller than a window (4x4, 2x2), an edge window
@@ -284,7 +285,7 @@ def test_flops_count_window_attention(ours25):
     expected = 2 * sum(4 * n * n * d for n in windows) + 2 * sum(4 * n * n * d for n in frames)
     assert ours25.flops_per_batch(GRID_25)["attention"] == expected
     padded = 2 * len(windows) * 4 * max(windows) ** 2 * d + 2 * len(frames) * 4 * max(frames) ** 2 * d
-    assert ours25.flops_per_batch(GRID_25, padded=True)["attention"] == padded
+    assert ours25.flops_per_batch(GRID_25, layout="padded")["attention"] == padded
 
 
 # ----------------------------------------------------------------------------- Qwen3-VL
