@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import VisionConfig
+from .config import FAMILIES, VisionConfig, family
 
 if TYPE_CHECKING:
     from .model import NativeViT
@@ -30,15 +30,9 @@ if TYPE_CHECKING:
 TOWER_PREFIXES = ("visual.", "model.visual.")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-VISION_ONLY_MODEL_TYPES = ("qwen2_vl_vision", "qwen2_5_vl_vision", "qwen3_vl_vision", "qwen3_vl_moe_vision")
-# What save_pretrained writes per family: the release's top-level class and tower key prefix
-# (Qwen2-VL and Qwen2.5-VL Hub files key the tower "visual.*", Qwen3-VL files "model.visual.*").
-RELEASE_LAYOUT = {
-    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "visual."),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "visual."),
-    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "model.visual."),
-}
+# Top-level model types of the releases that carry a supported tower, and of vision-only directories.
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)
+VISION_ONLY_MODEL_TYPES = tuple(f"{t}_vision" for t in SUPPORTED_MODEL_TYPES)
 
 
 def read_config(path: Path) -> tuple[VisionConfig, bool]:
@@ -58,14 +52,12 @@ def read_config(path: Path) -> tuple[VisionConfig, bool]:
                 f"{SUPPORTED_MODEL_TYPES} checkpoints"
             )
         text = raw.get("text_config") or raw
-        family = model_type.removesuffix("_moe")  # Qwen3-VL MoE releases carry the Qwen3-VL tower
         cfg = VisionConfig.from_hf_dict(
-            raw["vision_config"], text_hidden_size=text.get("hidden_size"), model_type=family
+            raw["vision_config"], text_hidden_size=text.get("hidden_size"), model_type=family(model_type).name
         )
         return cfg, False
     if model_type in VISION_ONLY_MODEL_TYPES:
-        family = model_type.removesuffix("_vision").removesuffix("_moe")
-        return VisionConfig.from_hf_dict(raw, model_type=family), True
+        return VisionConfig.from_hf_dict(raw, model_type=family(model_type).name), True
     raise ValueError(
         f"{config_file}: neither a 'vision_config' entry nor a vision-tower model_type "
         f"{VISION_ONLY_MODEL_TYPES}; got model_type {model_type!r}"
@@ -183,12 +175,12 @@ def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int 
     release's field names, tower keys under ``visual.`` (Qwen2-VL, Qwen2.5-VL) or ``model.visual.``
     (Qwen3-VL)."""
     path = Path(path)
-    family = model.config.model_type
-    architecture, prefix = RELEASE_LAYOUT[family]
+    fam = model.config.family
+    architecture, prefix = fam.architecture, fam.key_prefix
     vision_config = model.config.to_hf_dict()
     path.mkdir(parents=True, exist_ok=True)
     config = {
-        "model_type": family,
+        "model_type": fam.name,
         "architectures": [architecture],
         "vision_config": vision_config,
     }

@@ -1,19 +1,16 @@
-"""Vision tower configuration and presets.
+"""Vision tower configuration, presets, and the family table.
 
-One dataclass describes the three Qwen vision-tower families (``model_type``):
-
-* ``qwen2_vl``: LayerNorm, QuickGELU MLP (``fc1``/``fc2``), full attention in every block.
-* ``qwen2_5_vl``: RMSNorm, SwiGLU MLP with biases, window attention (``window_size`` pixels) except
-  in ``fullatt_block_indexes``.
-* ``qwen3_vl``: LayerNorm, tanh-GELU MLP (``linear_fc1``/``linear_fc2``), patch-embedding bias, a
-  learned ``num_position_embeddings`` position table resampled per image, DeepStack mergers after
-  the blocks in ``deepstack_visual_indexes``.
+``FAMILIES`` describes each tower family once: its layers (norm, MLP, merger, patch bias, learned
+position table, DeepStack, window attention), how its releases name and default the ``vision_config``
+fields, how they key the tower's tensors, and its image processor preset. ``VisionConfig`` holds one
+tower's hyper-parameters; ``model_type`` names its family. Adding a family is one ``Family`` entry
+(plus a layer class in ``model.py`` if it needs a new kind of layer) and its tests.
 
 Field names follow the releases with one deliberate exception: the ViT width is ``embed_dim`` and
 the merger output width (the language model's width) is ``out_hidden_size`` here, in every family.
 The releases call the ViT width ``embed_dim`` (Qwen2-VL) or ``hidden_size`` (Qwen2.5-VL, Qwen3-VL),
 and the merger width ``hidden_size`` (Qwen2-VL) or ``out_hidden_size`` (2.5, 3); ``from_hf_dict``
-and ``to_hf_dict`` translate.
+and ``to_hf_dict`` translate, reading the family table.
 """
 
 from __future__ import annotations
@@ -40,34 +37,170 @@ _IGNORED_HF_FIELDS = {
 
 _HF_ALIASES = {"num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# What a released ``vision_config`` leaves out takes the transformers class default of its family
-# (``Qwen2VLVisionConfig``, ``Qwen2_5_VLVisionConfig``, ``Qwen3VLVisionConfig`` in 5.23), as
-# transformers itself would build it; ViT width under this module's name ``embed_dim``.
-_HF_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen2_vl": {},
-    "qwen2_5_vl": dict(
-        embed_dim=3584,
-        depth=32,
-        num_heads=16,
-        intermediate_size=3420,
-        out_hidden_size=3584,
-        hidden_act="silu",
-        window_size=112,
-        fullatt_block_indexes=(7, 15, 23, 31),
-    ),
-    "qwen3_vl": dict(
-        embed_dim=1152,
-        depth=27,
-        num_heads=16,
-        intermediate_size=4304,
-        out_hidden_size=3584,
-        hidden_act="gelu_pytorch_tanh",
-        patch_size=16,
-        num_position_embeddings=2304,
-        deepstack_visual_indexes=(8, 16, 24),
-    ),
+
+@dataclass(frozen=True)
+class Family:
+    """One tower family, described once.
+
+    Layers: ``norm`` ("layernorm" | "rmsnorm"), ``mlp`` ("mlp": ``fc1``/``fc2``; "linear_mlp":
+    ``linear_fc1``/``linear_fc2``; "swiglu": ``gate_proj``/``up_proj``/``down_proj``), ``merger``
+    ("qwen2": norm then 2x2 shuffle, ``ln_q``/``mlp``; "qwen3": ``norm``/``linear_fc1``/``linear_fc2``),
+    ``patch_bias``, and the optional parts ``position_table`` (a learned square table resampled to each
+    image), ``deepstack`` (extra mergers after some blocks), ``windows`` (window attention).
+
+    Releases: ``vit_width_field`` / ``merger_width_field`` / ``mlp_width_field`` are the release's
+    names for the ViT width, the merger output width and the MLP width (``mlp_ratio`` or
+    ``intermediate_size``); ``release_defaults`` are transformers' class defaults for fields a
+    release leaves out (in this module's names); ``model_types`` the top-level ``model_type`` values
+    whose checkpoints carry this tower; ``architecture`` and ``key_prefix`` what ``save_pretrained``
+    writes (the tower's tensors are keyed ``visual.*`` or ``model.visual.*``).
+
+    ``processor``: the ``ImageProcessor`` preset of the releases (keyword arguments).
+    """
+
+    name: str
+    norm: str
+    mlp: str
+    merger: str
+    patch_bias: bool
+    position_table: bool
+    deepstack: bool
+    windows: bool
+    vit_width_field: str
+    merger_width_field: str
+    mlp_width_field: str
+    release_defaults: dict[str, Any]
+    model_types: tuple[str, ...]
+    architecture: str
+    key_prefix: str
+    processor: dict[str, Any]
+
+    @property
+    def mlp_type(self) -> str:
+        """The MLP kind ``VisionConfig.mlp_type`` takes by default: "swiglu" or "mlp"."""
+        return "swiglu" if self.mlp == "swiglu" else "mlp"
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="qwen2_vl",
+            norm="layernorm",
+            mlp="mlp",
+            merger="qwen2",
+            patch_bias=False,
+            position_table=False,
+            deepstack=False,
+            windows=False,
+            vit_width_field="embed_dim",
+            merger_width_field="hidden_size",
+            mlp_width_field="mlp_ratio",
+            release_defaults={},
+            model_types=("qwen2_vl",),
+            architecture="Qwen2VLForConditionalGeneration",
+            key_prefix="visual.",
+            processor=dict(
+                min_pixels=56 * 56,
+                max_pixels=16384 * 28 * 28,
+                patch_size=14,
+                image_mean=CLIP_MEAN,
+                image_std=CLIP_STD,
+            ),
+        ),
+        Family(
+            name="qwen2_5_vl",
+            norm="rmsnorm",
+            mlp="swiglu",
+            merger="qwen2",
+            patch_bias=False,
+            position_table=False,
+            deepstack=False,
+            windows=True,
+            vit_width_field="hidden_size",
+            merger_width_field="out_hidden_size",
+            mlp_width_field="intermediate_size",
+            release_defaults=dict(
+                embed_dim=3584,
+                depth=32,
+                num_heads=16,
+                intermediate_size=3420,
+                out_hidden_size=3584,
+                hidden_act="silu",
+                window_size=112,
+                fullatt_block_indexes=(7, 15, 23, 31),
+            ),
+            model_types=("qwen2_5_vl",),
+            architecture="Qwen2_5_VLForConditionalGeneration",
+            key_prefix="visual.",
+            processor=dict(
+                min_pixels=56 * 56,
+                max_pixels=16384 * 28 * 28,
+                patch_size=14,
+                image_mean=CLIP_MEAN,
+                image_std=CLIP_STD,
+            ),
+        ),
+        Family(
+            name="qwen3_vl",
+            norm="layernorm",
+            mlp="linear_mlp",
+            merger="qwen3",
+            patch_bias=True,
+            position_table=True,
+            deepstack=True,
+            windows=False,
+            vit_width_field="hidden_size",
+            merger_width_field="out_hidden_size",
+            mlp_width_field="intermediate_size",
+            release_defaults=dict(
+                embed_dim=1152,
+                depth=27,
+                num_heads=16,
+                intermediate_size=4304,
+                out_hidden_size=3584,
+                hidden_act="gelu_pytorch_tanh",
+                patch_size=16,
+                num_position_embeddings=2304,
+                deepstack_visual_indexes=(8, 16, 24),
+            ),
+            model_types=("qwen3_vl", "qwen3_vl_moe"),
+            architecture="Qwen3VLForConditionalGeneration",
+            key_prefix="model.visual.",
+            processor=dict(
+                min_pixels=65536,
+                max_pixels=16777216,
+                patch_size=16,
+                image_mean=(0.5, 0.5, 0.5),
+                image_std=(0.5, 0.5, 0.5),
+                pixel_cap=16777216,
+            ),
+        ),
+    )
+}
+
+MODEL_TYPES = tuple(FAMILIES)
+
+
+def family(model_type: str) -> Family:
+    """The family of a tower or release ``model_type`` ("qwen2_5_vl", "qwen3_vl_moe", "qwen2_vl_vision",
+    ...). Raises ``ValueError`` naming the known ones."""
+    name = model_type.removesuffix("_vision") if isinstance(model_type, str) else model_type
+    for fam in FAMILIES.values():
+        if name == fam.name or name in fam.model_types:
+            return fam
+    known = sorted({t for f in FAMILIES.values() for t in f.model_types})
+    raise ValueError(f"model_type {model_type!r} is not a supported tower family; known: {known}")
+
+
+# Fields of VisionConfig that belong to one optional part of a family.
+_PART_FIELDS = {
+    "windows": ("window_size", "fullatt_block_indexes"),
+    "position_table": ("num_position_embeddings",),
+    "deepstack": ("deepstack_visual_indexes",),
 }
 
 
@@ -109,14 +242,15 @@ class VisionConfig:
     deepstack_visual_indexes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
+        if self.model_type not in FAMILIES:
             raise ValueError(f"VisionConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        fam = FAMILIES[self.model_type]
         if self.norm_type is None:
-            self.norm_type = "rmsnorm" if self.model_type == "qwen2_5_vl" else "layernorm"
+            self.norm_type = fam.norm
         if self.mlp_type is None:
-            self.mlp_type = "swiglu" if self.model_type == "qwen2_5_vl" else "mlp"
+            self.mlp_type = fam.mlp_type
         if self.patch_bias is None:
-            self.patch_bias = self.model_type == "qwen3_vl"
+            self.patch_bias = fam.patch_bias
         if self.norm_type not in ("layernorm", "rmsnorm"):
             raise ValueError(f"VisionConfig.norm_type must be 'layernorm' or 'rmsnorm': {self.norm_type!r}")
         if self.mlp_type not in ("mlp", "swiglu"):
@@ -170,6 +304,11 @@ class VisionConfig:
             if len(set(value)) != len(value):
                 raise ValueError(f"VisionConfig.{name} repeats a block: {list(value)}")
             setattr(self, name, value)
+
+    @property
+    def family(self) -> Family:
+        """This tower's entry of ``FAMILIES``."""
+        return FAMILIES[self.model_type]
 
     @property
     def head_dim(self) -> int:
@@ -302,13 +441,6 @@ class VisionConfig:
         base.update(overrides)
         return cls.qwen3_vl(**base)
 
-    @classmethod
-    def small(cls, **overrides: Any) -> VisionConfig:
-        """A 4-block tower with the real head dim (80) for kernel-facing tests."""
-        base = dict(embed_dim=320, depth=4, num_heads=4, out_hidden_size=256)
-        base.update(overrides)
-        return cls(**base)
-
     # ------------------------------------------------------ released configs
 
     @classmethod
@@ -332,36 +464,20 @@ class VisionConfig:
         """
         if not isinstance(vision_config, dict):
             raise TypeError(f"vision_config must be a dict, got {type(vision_config).__name__}")
-        family = model_type or _family(vision_config.get("model_type")) or "qwen2_vl"
-        if family not in MODEL_TYPES:
-            raise ValueError(f"model_type {family!r} is not a supported tower family; expected {MODEL_TYPES}")
-        fields = {f.name for f in dataclasses.fields(cls)} - {
-            "model_type",
-            "norm_type",
-            "mlp_type",
-            "patch_bias",
-            "norm_eps",
-            "rope_theta",
-            "embed_dim",
+        fam = family(model_type or vision_config.get("model_type") or "qwen2_vl")
+        internal = {"model_type", "norm_type", "mlp_type", "patch_bias", "norm_eps", "rope_theta"}
+        widths = {"embed_dim", "out_hidden_size", "mlp_ratio", "intermediate_size"}
+        fields = {f.name for f in dataclasses.fields(cls)} - internal - widths
+        for part, names in _PART_FIELDS.items():
+            if not getattr(fam, part):
+                fields -= set(names)
+        renames = {
+            fam.vit_width_field: "embed_dim",
+            fam.merger_width_field: "out_hidden_size",
+            fam.mlp_width_field: fam.mlp_width_field,
         }
-        if family == "qwen2_vl":
-            renames = {"hidden_size": "out_hidden_size", "embed_dim": "embed_dim"}
-            fields -= {
-                "out_hidden_size",
-                "intermediate_size",
-                "window_size",
-                "fullatt_block_indexes",
-                "num_position_embeddings",
-                "deepstack_visual_indexes",
-            }
-        else:
-            renames = {"hidden_size": "embed_dim", "out_hidden_size": "out_hidden_size"}
-            fields -= {"mlp_ratio"}
-            if family == "qwen2_5_vl":
-                fields -= {"num_position_embeddings", "deepstack_visual_indexes"}
-            else:
-                fields -= {"window_size", "fullatt_block_indexes"}
-        kwargs: dict[str, Any] = dict(_HF_FAMILY_DEFAULTS[family])
+        family_name = fam.name
+        kwargs: dict[str, Any] = dict(fam.release_defaults)
         given: set[str] = set()
         unknown = []
         for key, value in vision_config.items():
@@ -380,7 +496,7 @@ class VisionConfig:
                 unknown.append(key)
         if unknown:
             raise ValueError(
-                f"vision_config has fields nativevit does not know for a {family} tower: {sorted(unknown)}"
+                f"vision_config has fields nativevit does not know for a {family_name} tower: {sorted(unknown)}"
             )
         if "out_hidden_size" not in given and text_hidden_size is not None:
             kwargs["out_hidden_size"] = text_hidden_size
@@ -390,16 +506,25 @@ class VisionConfig:
                 if len(values) != 1:
                     raise ValueError(f"vision_config.{key}={kwargs[key]} is not square; not supported")
                 kwargs[key] = values.pop()
-        return cls(model_type=family, **kwargs)
+        return cls(model_type=family_name, **kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``vision_config`` dict in the field names of this family's releases."""
-        if (self.norm_type, self.mlp_type, self.patch_bias) != _family_kinds(self.model_type):
+        fam = self.family
+        if (self.norm_type, self.mlp_type, self.patch_bias) != (fam.norm, fam.mlp_type, fam.patch_bias):
             raise ValueError(
                 f"a {self.model_type} release cannot describe norm_type={self.norm_type!r}, "
                 f"mlp_type={self.mlp_type!r}, patch_bias={self.patch_bias}: its config has no such fields"
             )
-        common = {
+        used = {
+            "windows": bool(self.window_size),
+            "position_table": bool(self.num_position_embeddings),
+            "deepstack": bool(self.deepstack_visual_indexes),
+        }
+        lacking = [part for part, on in used.items() if on and not getattr(fam, part)]
+        if lacking:
+            raise ValueError(f"a {self.model_type} release has no {', '.join(lacking)}")
+        out: dict[str, Any] = {
             "model_type": self.model_type,
             "depth": self.depth,
             "hidden_act": self.hidden_act,
@@ -409,48 +534,17 @@ class VisionConfig:
             "spatial_merge_size": self.spatial_merge_size,
             "temporal_patch_size": self.temporal_patch_size,
             "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
+            fam.vit_width_field: self.embed_dim,
+            fam.merger_width_field: self.out_hidden_size,
         }
-        if self.model_type == "qwen2_vl":
-            if self.window_size or self.num_position_embeddings or self.deepstack_visual_indexes:
-                raise ValueError("a qwen2_vl release has no window attention, position table or DeepStack")
+        if fam.mlp_width_field == "mlp_ratio":
             ratio = self.mlp_hidden_dim / self.embed_dim
-            return {
-                **common,
-                "embed_dim": self.embed_dim,
-                "hidden_size": self.out_hidden_size,
-                "mlp_ratio": int(ratio) if float(ratio).is_integer() else ratio,
-            }
-        family = {
-            **common,
-            "hidden_size": self.embed_dim,
-            "out_hidden_size": self.out_hidden_size,
-            "intermediate_size": self.mlp_hidden_dim,
-        }
-        if self.model_type == "qwen2_5_vl":
-            if self.num_position_embeddings or self.deepstack_visual_indexes:
-                raise ValueError("a qwen2_5_vl release has no position table or DeepStack")
-            family["window_size"] = self.window_size
-            family["fullatt_block_indexes"] = list(self.fullatt_block_indexes)
+            out["mlp_ratio"] = int(ratio) if float(ratio).is_integer() else ratio
         else:
-            if self.window_size:
-                raise ValueError("a qwen3_vl release has no window attention")
-            family["num_position_embeddings"] = self.num_position_embeddings
-            family["deepstack_visual_indexes"] = list(self.deepstack_visual_indexes)
-        return family
-
-
-def _family(model_type: str | None) -> str | None:
-    """Family of a released ``model_type`` ("qwen2_5_vl", "qwen2_5_vl_vision", ... -> "qwen2_5_vl")."""
-    if model_type is None:
-        return None
-    name = model_type.removesuffix("_vision")
-    return "qwen3_vl" if name == "qwen3_vl_moe" else name
-
-
-def _family_kinds(model_type: str) -> tuple[str, str, bool]:
-    """(norm_type, mlp_type, patch_bias) of a family's releases."""
-    return (
-        "rmsnorm" if model_type == "qwen2_5_vl" else "layernorm",
-        "swiglu" if model_type == "qwen2_5_vl" else "mlp",
-        model_type == "qwen3_vl",
-    )
+            out[fam.mlp_width_field] = self.mlp_hidden_dim
+        for part, names in _PART_FIELDS.items():
+            if getattr(fam, part):
+                for name in names:
+                    value = getattr(self, name)
+                    out[name] = list(value) if isinstance(value, tuple) else value
+        return out

@@ -66,8 +66,11 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+NORM_LAYERS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
+
+
 def _norm(kind: str, dim: int, eps: float) -> nn.Module:
-    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
+    return NORM_LAYERS[kind](dim, eps=eps)
 
 
 class PatchEmbed(nn.Module):
@@ -171,21 +174,36 @@ class GatedMlp(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+MLP_LAYERS: dict[str, type[nn.Module]] = {"mlp": Mlp, "linear_mlp": Qwen3Mlp, "swiglu": GatedMlp}
+
+
+def mlp_layer_for(cfg: VisionConfig) -> type[nn.Module]:
+    """The MLP class of a tower: SwiGLU when ``cfg.mlp_type`` says so, else the family's two-layer MLP
+    (whose parameter names differ by family: ``fc1`` or ``linear_fc1``)."""
+    if cfg.mlp_type == "swiglu":
+        return GatedMlp
+    return MLP_LAYERS["linear_mlp" if cfg.family.mlp == "linear_mlp" else "mlp"]
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
-    def __init__(self, cfg: VisionConfig, *, attn_backend: str = "auto", rope_backend: str = "auto"):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        attn_backend: str = "auto",
+        rope_backend: str = "auto",
+        mlp_layer: type[nn.Module] | None = None,
+    ):
         super().__init__()
         self.norm1 = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
         self.attn = Attention(
             dim=cfg.embed_dim, num_heads=cfg.num_heads, attn_backend=attn_backend, rope_backend=rope_backend
         )
         self.norm2 = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
-        if cfg.mlp_type == "swiglu":
-            mlp_cls = GatedMlp
-        else:
-            mlp_cls = Qwen3Mlp if cfg.model_type == "qwen3_vl" else Mlp
-        self.mlp = mlp_cls(dim=cfg.embed_dim, hidden_dim=cfg.mlp_hidden_dim, act=cfg.hidden_act)
+        mlp_layer = mlp_layer or mlp_layer_for(cfg)
+        self.mlp = mlp_layer(dim=cfg.embed_dim, hidden_dim=cfg.mlp_hidden_dim, act=cfg.hidden_act)
 
     def forward(
         self,
@@ -245,6 +263,9 @@ class Qwen3PatchMerger(nn.Module):
         return self.linear_fc2(self.act(self.linear_fc1(x)))  # (N/m^2, out_dim)
 
 
+MERGER_LAYERS: dict[str, type[nn.Module]] = {"qwen2": PatchMerger, "qwen3": Qwen3PatchMerger}
+
+
 class NativeViT(nn.Module):
     """Qwen2-VL vision tower over a packed batch.
 
@@ -282,10 +303,7 @@ class NativeViT(nn.Module):
             eps=cfg.norm_eps,
             norm=cfg.norm_type,
         )
-        if cfg.model_type == "qwen3_vl":
-            self.merger = Qwen3PatchMerger(**merger)
-        else:
-            self.merger = PatchMerger(**merger)
+        self.merger = MERGER_LAYERS[cfg.family.merger](**merger)
         if cfg.deepstack_visual_indexes:
             self.deepstack_merger_list = nn.ModuleList(
                 [Qwen3PatchMerger(**merger, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes]
