@@ -496,7 +496,8 @@ class VisionConfig:
                 unknown.append(key)
         if unknown:
             raise ValueError(
-                f"vision_config has fields nativevit does not know for a {family_name} tower: {sorted(unknown)}"
+                f"vision_config has fields nativevit does not know for a {family_name} tower: "
+                f"{sorted(unknown)}"
             )
         if "out_hidden_size" not in given and text_hidden_size is not None:
             kwargs["out_hidden_size"] = text_hidden_size

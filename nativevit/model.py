@@ -16,9 +16,7 @@ Qwen3-VL adds a learned position table resampled to each image and DeepStack mer
 
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch

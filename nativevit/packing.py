@@ -92,7 +92,7 @@ class Segments:
 
     __slots__ = ("lengths", "max_seqlen", "cu_seqlens", "padded", "_cache")
 
-    def __init__(self, lengths: Sequence[int], device: torch.device | str | None = None, *, padded: bool = False):
+    def __init__(self, lengths: Sequence[int], device: torch.device | str | None = None):
         lengths = tuple(int(n) for n in lengths)
         if not lengths:
             raise ValueError("a batch needs at least one segment")
@@ -101,7 +101,7 @@ class Segments:
         self.lengths = lengths
         self.max_seqlen = max(lengths)
         self.cu_seqlens = cu_seqlens_from_lengths(lengths, device)
-        self.padded = padded
+        self.padded = False
         self._cache: dict = {}
 
     def __setattr__(self, name, value):
@@ -129,7 +129,9 @@ class Segments:
         return segments
 
     @classmethod
-    def from_grid(cls, grid_thw: Sequence[tuple[int, int, int]], device: torch.device | str | None = None) -> Segments:
+    def from_grid(
+        cls, grid_thw: Sequence[tuple[int, int, int]], device: torch.device | str | None = None
+    ) -> Segments:
         """One segment of ``h*w`` tokens per frame of each ``(t, h, w)`` grid (host ints)."""
         return cls([h * w for t, h, w in grid_thw for _ in range(t)], device)
 

@@ -15,8 +15,7 @@ from conftest import rel_err, write_shards
 import nativevit as nv
 from nativevit import ops
 from nativevit.packing import WindowLayout, window_partition
-from nativevit.rope import position_table_taps
-from nativevit.rope import rope_position_ids
+from nativevit.rope import position_table_taps, rope_position_ids
 
 # 14-px grids (Qwen2.5-VL windows are 8x8 patches): smaller than a window (4x4, 2x2), an edge window
 # (6x10), exactly two windows (16x8: the release pads a divisible side with an empty window), not
@@ -326,10 +325,16 @@ def test_qwen3_vl_moe_release_carries_the_qwen3_tower(tmp_path):
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
     cfg = Qwen3VLMoeVisionConfig(
-        depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=40,
-        num_position_embeddings=64, deepstack_visual_indexes=[0, 2], patch_size=16,
+        depth=3,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=48,
+        out_hidden_size=40,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 2],
+        patch_size=16,
         attn_implementation="sdpa",
-    )  # fmt: skip
+    )
     hf = rerandomise(Qwen3VLMoeVisionModel(cfg).double().eval(), seed=8)
     path = write_release(hf, tmp_path / "ckpt", prefix="model.visual.")
     config = json.loads((path / "config.json").read_text())

@@ -253,9 +253,13 @@ def test_output_layer_choice(layer, norm, prefix):
     with torch.no_grad():
         for i, img in enumerate(imgs):
             patches, prefix_rows = model.forward_intermediates(
-                img[None], indices=[index], norm=apply_norm, return_prefix_tokens=True,
-                output_fmt="NLC", intermediates_only=True,
-            )[0]  # fmt: skip
+                img[None],
+                indices=[index],
+                norm=apply_norm,
+                return_prefix_tokens=True,
+                output_fmt="NLC",
+                intermediates_only=True,
+            )[0]
             ref = torch.cat([prefix_rows[0], patches[0]]) if prefix else patches[0]
             assert_close(out[i], ref, FP64_TOL, f"layer {layer} norm {norm} prefix {prefix} image {i}")
     if not prefix:

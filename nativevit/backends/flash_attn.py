@@ -29,7 +29,9 @@ def flash_attn_attention(q, k, v, segments: Segments, scale: float) -> torch.Ten
     from flash_attn import flash_attn_varlen_func
 
     cu = segments.cu_seqlens
-    return flash_attn_varlen_func(q, k, v, cu, cu, segments.max_seqlen, segments.max_seqlen, softmax_scale=scale)
+    return flash_attn_varlen_func(
+        q, k, v, cu, cu, segments.max_seqlen, segments.max_seqlen, softmax_scale=scale
+    )
 
 
 register_backend("attention", Backend("flash_attn", flash_attn_attention, _unavailable, _rejects))

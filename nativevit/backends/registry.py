@@ -100,7 +100,9 @@ def backend_status(device: torch.device | str | None = None) -> dict[str, dict[s
 
 def available_backends(device: torch.device | str | None = None) -> dict[str, list[str]]:
     """Backends of each op that can run on ``device`` (default: this machine, any device)."""
-    return {op: [n for n, why in table.items() if why is None] for op, table in backend_status(device).items()}
+    return {
+        op: [n for n, why in table.items() if why is None] for op, table in backend_status(device).items()
+    }
 
 
 def resolve_backend(op: str, backend: str, x: torch.Tensor) -> Backend:
