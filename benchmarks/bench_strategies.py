@@ -2,7 +2,7 @@
 
 For every strategy of ``nativevit.strategies`` and every seed size (128x16, 336x336, 1000x600,
 1920x1080, 1500x4500, 4000x3000): views, language-model tokens (the system's own count), encoder
-patches and forward FLOPs (``nativevit.model.flops``) of our packed Qwen2-VL encoder, and its measured
+patches and forward FLOPs of our packed Qwen2-VL encoder (``nativevit.costs.cost_table``), and its measured
 forward time with a shallow tower (``VisionConfig.qwen2_vl_shallow()``), all views of an image in one
 packed batch. The roofline fraction is against ``torch.mm`` at the same dtype, measured in the same run.
 
@@ -12,7 +12,7 @@ LLaVA-1.5 and the DeepSeek-OCR native modes make the same view whatever the imag
 
     python benchmarks/bench_strategies.py                      # all strategies, fp32, CPU-sized defaults
     python benchmarks/bench_strategies.py --dtype bf16 --iters 3 --strategies internvl qwen2_vl
-    python benchmarks/bench_strategies.py --no-time             # counts and FLOPs only (seconds)
+    python benchmarks/bench_strategies.py --no-time             # counts and FLOPs only, no encoder runs
 
 Writes ``benchmarks/results/<hardware>-strategies.csv`` (shared schema of ``nativevit.benchutil``)
 and ``<hardware>-strategies.png``.
@@ -29,7 +29,7 @@ from tqdm import tqdm
 import nativevit as nv
 from nativevit import benchutil
 from nativevit import strategies as S
-from nativevit.model import flops
+from nativevit.costs import cost_table
 
 SEED_SIZES = ((128, 16), (336, 336), (1000, 600), (1920, 1080), (1500, 4500), (4000, 3000))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -107,14 +107,14 @@ def main() -> None:
 
     results, timings = [], {}
     cases = [(size, name) for size in SEED_SIZES for name in args.strategies]
-    for (w, h), name in tqdm(cases, desc="strategies"):
-        image = seed_image(w, h)
-        batch = nv.ImageProcessor(strategy=name)([image])
-        lengths = [t * gh * gw for t, gh, gw in batch.grid_thw.tolist()]
-        res = {"strategy": name, "size": f"{w}x{h}", "views": len(lengths),
-               "tokens": S.num_tokens(name, w, h), "patches": sum(lengths),
-               "gflops": flops(cfg, lengths)["total"] / 1e9, "time_s": None}  # fmt: skip
+    costs = cost_table(SEED_SIZES, args.strategies, cfg)  # same order: sizes outer, strategies inner
+    for ((w, h), name), c in tqdm(zip(cases, costs, strict=True), total=len(cases), desc="strategies"):
+        if c["error"]:
+            raise SystemExit(f"strategy {name} refuses the seed size {w}x{h}: {c['error']}")
+        res = {"strategy": name, "size": f"{w}x{h}", "views": c["views"], "tokens": c["tokens"],
+               "patches": c["patches"], "gflops": c["flops"] / 1e9, "time_s": None}  # fmt: skip
         if not args.no_time:
+            batch = nv.ImageProcessor(strategy=name)([seed_image(w, h)])
             key = tuple(sorted(map(tuple, batch.grid_thw.tolist())))
             if key not in timings:
                 px, grid = batch.pixel_values.to(device, dtype), batch.grid_thw.to(device)

@@ -9,7 +9,6 @@ repeating the last frame.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,40 +16,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from . import strategies
+from .image import DEFAULT_MAX_INPUT_PIXELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_rgb, smart_resize
 from .packing import PackedBatch, cu_seqlens_from_grid
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_ASPECT_RATIO = 200
-
-
-def smart_resize(
-    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
-) -> tuple[int, int]:
-    """Target ``(height, width)``: multiples of ``factor``, pixel count in ``[min_pixels, max_pixels]``,
-    aspect ratio kept as closely as possible.
-
-    Rounding is exactly Qwen2-VL's: Python's half-to-even ``round`` first; if too large, floor after
-    scaling down (never below ``factor``); if too small, ceil after scaling up.
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image has zero size: height={height}, width={width}")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got "
-            f"{max(height, width) / min(height, width):.1f} for a {height}x{width} (HxW) image"
-        )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 class ImageProcessor:
@@ -69,8 +37,9 @@ class ImageProcessor:
             view one patch grid, and all views of all images pack into one batch; ``views_per_image``
             and ``split_views`` map them back. ``"qwen2_vl"`` gives the default output.
 
-    Call with a list whose items are images (PIL image, ``HxWx3`` uint8 array, or a path) or videos
-    (a list of such frames, or a ``TxHxWx3`` uint8 array). Output order is input order.
+    Call with a list whose items are images (PIL image, ``(H, W, 3)`` uint8 array, or a path; loaded by
+    ``nativevit.image.load_rgb``) or videos (a list of such frames, or an ``(F, H, W, 3)`` uint8 array).
+    Output order is input order.
     """
 
     def __init__(
@@ -84,7 +53,7 @@ class ImageProcessor:
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         pixel_cap: int = 16384 * 28 * 28,
-        max_input_pixels: int = 1 << 28,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         strategy=None,
     ):
         if not 0 < min_pixels <= max_pixels:
@@ -102,8 +71,6 @@ class ImageProcessor:
         self.max_input_pixels = max_input_pixels
         self.strategy = None
         if strategy is not None:
-            from . import strategies
-
             if self.factor != strategies.ENCODE_FACTOR:
                 raise ValueError(
                     f"resolution strategies make views of multiples of {strategies.ENCODE_FACTOR} px; "
@@ -159,7 +126,8 @@ class ImageProcessor:
     # ---------------------------------------------------------------- sizes
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
-        """Resized ``(height, width)`` of an input, with the pixel cap enforced."""
+        """``(height, width)`` in px, multiples of ``factor``, that a ``height x width`` input is resized
+        to (``smart_resize``); ``ValueError`` if that is over ``pixel_cap`` pixels."""
         h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
         if h * w > self.pixel_cap:
             raise ValueError(
@@ -169,55 +137,15 @@ class ImageProcessor:
         return h, w
 
     def grid_for(self, height: int, width: int) -> tuple[int, int, int]:
-        """``(t, h, w)`` patch grid of a single image of this size (tokens = product // 4)."""
+        """``(1, h, w)`` patch grid of a still image of ``height x width`` px: ``h * w`` patch rows, and
+        ``h * w // merge_size**2`` output tokens."""
         h, w = self.target_size(height, width)
         return 1, h // self.patch_size, w // self.patch_size
-
-    # ---------------------------------------------------------------- loading
-
-    def _load(self, image, where: str) -> np.ndarray:
-        """Any accepted image -> ``HxWx3`` uint8 RGB array."""
-        if isinstance(image, (str, Path)):
-            path = Path(image)
-            if not path.is_file():
-                raise ValueError(f"{where}: no image file at {str(path)!r}")
-            try:
-                im = PIL.Image.open(path)
-            except PIL.Image.DecompressionBombError as e:
-                raise ValueError(f"{where}: {path} refused as a decompression bomb ({e})") from None
-            with im:
-                self._check_input_size(im.height, im.width, where)
-                return _pil_to_rgb(im)
-        if isinstance(image, PIL.Image.Image):
-            self._check_input_size(image.height, image.width, where)
-            return _pil_to_rgb(image)
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8:
-                raise TypeError(f"{where}: image arrays must be uint8 (0..255), got {image.dtype}")
-            if image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(
-                    f"{where}: image arrays must have shape (H, W, 3) with 3 RGB channels, got "
-                    f"{image.shape}; pass a PIL image for grayscale or RGBA input"
-                )
-            self._check_input_size(image.shape[0], image.shape[1], where)
-            return image
-        raise TypeError(
-            f"{where}: expected a PIL image, an HxWx3 uint8 array or a path, got {type(image).__name__}"
-        )
-
-    def _check_input_size(self, height: int, width: int, where: str) -> None:
-        if height <= 0 or width <= 0:
-            raise ValueError(f"{where}: image has zero size ({height}x{width}, HxW)")
-        if height * width > self.max_input_pixels:
-            raise ValueError(
-                f"{where}: image is {height}x{width} = {height * width} pixels, over max_input_pixels="
-                f"{self.max_input_pixels} (a decompression-bomb guard); raise it to allow such inputs"
-            )
 
     # ---------------------------------------------------------------- pipeline
 
     def _resize_normalize(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """``HxWx3`` uint8 -> ``3xhxw`` float32, resized and normalised."""
+        """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32 with ``(h, w) = size``, resized and normalised."""
         h, w = size
         resized = np.asarray(PIL.Image.fromarray(rgb).resize((w, h), resample=PIL.Image.BICUBIC))
         x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
@@ -237,7 +165,13 @@ class ImageProcessor:
     def preprocess(
         self, item, where: str = "input"
     ) -> tuple[np.ndarray, tuple[int, int, int], tuple[int, int]]:
-        """One image or video -> (patch rows, (t, h, w) grid, original (height, width))."""
+        """One image or video -> ``(rows, grid, size)``.
+
+        ``rows``: ``(t * h * w, 3 * T * P * P)`` float32 numpy array (``T = temporal_patch_size``,
+        ``P = patch_size``), patches in merge-block order; ``grid``: ``(t, h, w)``, with ``t`` the number
+        of frames (padded to a multiple of ``T``) divided by ``T``; ``size``: the input's ``(height, width)``
+        in px. ``where`` names the item in error messages.
+        """
         if isinstance(item, np.ndarray) and item.ndim == 4:
             frames = [item[i] for i in range(item.shape[0])]
         elif isinstance(item, (list, tuple)):
@@ -247,7 +181,12 @@ class ImageProcessor:
         if not frames:
             raise ValueError(f"{where}: a video needs at least one frame")
         rgb = [
-            self._load(f, f"{where} frame {i}" if len(frames) > 1 else where) for i, f in enumerate(frames)
+            load_rgb(
+                f,
+                max_input_pixels=self.max_input_pixels,
+                where=f"{where} frame {i}" if len(frames) > 1 else where,
+            )
+            for i, f in enumerate(frames)
         ]
         height, width = rgb[0].shape[:2]
         for i, r in enumerate(rgb[1:], 1):
@@ -265,6 +204,13 @@ class ImageProcessor:
         return rows, grid, (height, width)
 
     def __call__(self, images) -> PackedBatch:
+        """A list of images and videos (or one image) -> one ``PackedBatch``, in input order.
+
+        ``pixel_values``: ``(N, 3 * T * P * P)`` float32; ``grid_thw``: ``(B, 3)`` int64, one row per
+        image, or per view with a strategy (``views_per_image`` then maps views back to images);
+        ``cu_seqlens``: ``(S + 1,)`` int32, one segment per temporal patch (one per still image or view);
+        ``max_seqlen``: python int.
+        """
         if isinstance(images, (PIL.Image.Image, str, Path)) or (
             isinstance(images, np.ndarray) and images.ndim == 3
         ):
@@ -303,7 +249,7 @@ class ImageProcessor:
             where = f"images[{i}]"
             if isinstance(item, (list, tuple)) or (isinstance(item, np.ndarray) and item.ndim == 4):
                 raise TypeError(f"{where}: strategy {self.strategy.name!r} takes still images, not videos")
-            rgb = self._load(item, where)
+            rgb = load_rgb(item, max_input_pixels=self.max_input_pixels, where=where)
             try:
                 views = self.strategy.plan(rgb)
             except ValueError as e:
@@ -322,10 +268,4 @@ class ImageProcessor:
         return self._packed(rows, grids, sizes, views_per_image=counts)
 
 
-def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
-    """RGB array of a PIL image; transparency is composited onto white (as transformers does)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(PIL.Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+__all__ = ["ImageProcessor", "smart_resize"]

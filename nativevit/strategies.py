@@ -15,7 +15,7 @@ Two numbers per image, kept apart on purpose:
   OneVision include the newline features, InternVL includes ``<img>``/``</img>`` (+2), Qwen2-VL
   counts ``<|image_pad|>`` only (the chat template adds ``<|vision_start|>``/``<|vision_end|>``).
   DeepSeek-OCR (not in transformers) counts as its released code: per-row newlines and the view
-  separator included. Spec: ``reference/tiling.md``.
+  separator included.
 * ``View.grid``: the grid our Qwen2-VL encoder runs on. A view of the system's own size is resampled
   (PIL bicubic, no crop, no pad) to the nearest multiple of 28 px per side (``encode_side``):
   336 -> 336 (24x24 patches) and 448 -> 448 (32x32) are exact; OneVision's 384 -> 392 (28x28, where
@@ -28,9 +28,9 @@ Views are listed in the order the language model reads their features: LLaVA bas
 thumbnail last, DeepSeek Gundam tiles before the global view.
 
 Bad input raises ``ValueError``: sides under ``MIN_SIDE`` px, aspect ratios over ``MAX_ASPECT_RATIO``
-(Qwen2-VL's limit, applied to all) or past a strategy's own limit (LLaVA-NeXT's unpadded feature grid
-would be empty), and more than ``max_input_pixels`` pixels (decompression bombs; checked from the
-header, before decoding). Nothing is cropped silently.
+(``nativevit.image``: Qwen2-VL's limit, applied to all) or past a strategy's own limit (LLaVA-NeXT's
+unpadded feature grid would be empty), and more than ``max_input_pixels`` pixels (decompression bombs;
+checked from the header, before decoding). Nothing is cropped silently.
 """
 
 from __future__ import annotations
@@ -40,24 +40,33 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from .image import (
+    DEFAULT_MAX_INPUT_PIXELS,
+    OPENAI_CLIP_MEAN,
+    check_aspect_ratio,
+    check_input_size,
+    image_size,
+    load_rgb,
+    smart_resize,
+)
+
 ENCODE_FACTOR = 28  # patch 14 x merge 2 of the packed Qwen2-VL encoder
 ENCODER_PATCH = 14
 MIN_SIDE = 4
-MAX_ASPECT_RATIO = 200
-DEFAULT_MAX_INPUT_PIXELS = 1 << 28
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-LLAVA15_PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): expand2square background
+LLAVA15_PAD_COLOR = tuple(int(m * 255) for m in OPENAI_CLIP_MEAN)  # (122, 116, 104): expand2square background
 DEEPSEEK_PAD_COLOR = (127, 127, 127)  # int(0.5 * 255): DeepSeek-OCR normalises with mean 0.5
 
-# transformers' (height, width) pinpoint lists, in transformers' order (pitfall P1: the order breaks ties)
+# transformers' (height, width) pinpoint lists, in transformers' order. When two canvases tie on both
+# effective and wasted pixels, the first listed wins (select_best_resolution), so the order decides
+# the canvas of small non-square images: listing them (width, height), as the original LLaVA code
+# does, picks the transposed canvas and changes their token counts (200x100 px: 1752 here, 876 there).
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 ONEVISION_PINPOINTS = tuple((i * 384, j * 384) for i in range(1, 7) for j in range(1, 7))
 
@@ -109,6 +118,7 @@ class View:
 
     @property
     def num_patches(self) -> int:
+        """Encoder patches of this view, ``h * w`` of ``grid``."""
         _, h, w = self.grid
         return h * w
 
@@ -135,102 +145,32 @@ class View:
 def check_size(
     width: int, height: int, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS, name: str = ""
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` for sizes no strategy accepts."""
+    """Raise ``TypeError`` unless both sides are ints, ``ValueError`` for a side under ``MIN_SIDE`` px,
+    an aspect ratio over ``MAX_ASPECT_RATIO`` (``nativevit.image``) or more than ``max_input_pixels``
+    pixels: the sizes no strategy accepts."""
     for label, v in (("width", width), ("height", height)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"image {label} must be an int, got {type(v).__name__}")
-    who = f"strategy {name!r}: " if name else ""
+    where = f"strategy {name!r}" if name else ""
     if width < MIN_SIDE or height < MIN_SIDE:
         raise ValueError(
-            f"{who}image is {width}x{height} (WxH); both sides must be at least {MIN_SIDE} px (a 1-3 px side "
-            "has no 2D extent to tile or resample, and transformers' processors read such arrays' "
-            "channel axis ambiguously)"
+            f"{where}{': ' if where else ''}image is {width}x{height} (WxH); both sides must be at least "
+            f"{MIN_SIDE} px (a 1-3 px side has no 2D extent to tile or resample, and transformers' "
+            "processors read such arrays' channel axis ambiguously)"
         )
-    ratio = max(width, height) / min(width, height)
-    if ratio > MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"{who}image is {width}x{height} (WxH), aspect ratio {ratio:.1f} exceeds {MAX_ASPECT_RATIO} "
-            "(Qwen2-VL's limit, applied to every strategy); crop or split the image first"
-        )
-    if width * height > max_input_pixels:
-        raise ValueError(
-            f"{who}image is {width}x{height} = {width * height} pixels, over max_input_pixels="
-            f"{max_input_pixels} (a decompression-bomb guard); raise it to allow such inputs"
-        )
-
-
-def image_size(image, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> tuple[int, int]:
-    """``(width, height)`` of a PIL image, ``HxWxC`` array, path (header only) or ``(width, height)`` pair."""
-    if isinstance(image, PIL.Image.Image):
-        return image.size
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3:
-            raise ValueError(f"image arrays must have shape (H, W, C), got {image.shape}")
-        return image.shape[1], image.shape[0]
-    if isinstance(image, (str, Path)):
-        with _open(image, max_input_pixels) as im:
-            return im.size
-    if isinstance(image, (tuple, list)) and len(image) == 2:
-        return image[0], image[1]
-    raise TypeError(
-        "expected a PIL image, an HxWx3 uint8 array, a path or a (width, height) pair, got "
-        f"{type(image).__name__}"
-    )
-
-
-def load_image(image, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> PIL.Image.Image:
-    """An RGB PIL image from a PIL image, ``HxWx3`` uint8 array or path; size checked before decoding."""
-    if isinstance(image, (str, Path)):
-        with _open(image, max_input_pixels) as im:
-            check_size(*im.size, max_input_pixels=max_input_pixels)
-            return _to_rgb(im)
-    if isinstance(image, PIL.Image.Image):
-        check_size(*image.size, max_input_pixels=max_input_pixels)
-        return _to_rgb(image)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"image arrays must be uint8 (0..255), got {image.dtype}")
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image arrays must have shape (H, W, 3), got {image.shape}")
-        check_size(image.shape[1], image.shape[0], max_input_pixels=max_input_pixels)
-        return PIL.Image.fromarray(image)
-    raise TypeError(f"expected a PIL image, an HxWx3 uint8 array or a path, got {type(image).__name__}")
-
-
-def _open(path, max_input_pixels: int) -> PIL.Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no image file at {str(path)!r}")
-    try:
-        im = PIL.Image.open(path)  # lazy: reads the header only
-    except PIL.Image.DecompressionBombError as e:
-        raise ValueError(f"{path}: refused as a decompression bomb by PIL ({e})") from e
-    w, h = im.size
-    if w * h > max_input_pixels:
-        im.close()
-        raise ValueError(
-            f"{path}: image is {w}x{h} = {w * h} pixels, over max_input_pixels={max_input_pixels} "
-            "(a decompression-bomb guard; checked before decoding)"
-        )
-    return im
-
-
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """RGB; transparency composited onto white, as transformers and ``ImageProcessor`` do."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    check_aspect_ratio(width, height, where=where)
+    check_input_size(width, height, max_input_pixels=max_input_pixels, where=where)
 
 
 # ---------------------------------------------------------------------------- shared geometry
 
 
 def select_best_resolution(height: int, width: int, pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """LLaVA-NeXT canvas ``(h, w)``: most effective pixels, then least waste; the first best wins ties.
+    """LLaVA-NeXT canvas ``(h, w)`` in px: the most effective pixels (the image's pixels that survive
+    an aspect-kept fit into the canvas, never more than it has), then the least waste (canvas pixels
+    left over); the first of equally good canvases wins.
 
-    ``pinpoints`` are ``(height, width)`` in transformers' order (tiling.md §2.2 and pitfall P1).
+    ``pinpoints`` are ``(height, width)`` in px, in transformers' order, which breaks the ties.
     """
     best, max_eff, min_waste = None, 0, float("inf")
     for ch, cw in pinpoints:
@@ -243,7 +183,12 @@ def select_best_resolution(height: int, width: int, pinpoints: Sequence[tuple[in
 
 
 def resized_within(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
-    """Aspect-kept ``(h, w)`` inside a canvas: float64 product, then ``ceil`` (pitfall P3)."""
+    """Aspect-kept ``(h, w)`` in px of an image fitted inside a ``target_h x target_w`` canvas.
+
+    The scale is a float64 ratio and the scaled side is ``ceil(side * scale)``, as transformers does:
+    ``ceil(3000 * (672 / 4000)) = 505``, where exact integer arithmetic gives 504. The side differs, and
+    with it the pixels of the padded canvas, so the order of the float operations is kept.
+    """
     scale_w, scale_h = target_w / width, target_h / height
     if scale_w < scale_h:
         return min(math.ceil(height * scale_w), target_h), target_w
@@ -251,7 +196,9 @@ def resized_within(height: int, width: int, target_h: int, target_w: int) -> tup
 
 
 def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
-    """InternVL's candidate ``(cols, rows)`` grids, in the original code's order (sorted set, by area)."""
+    """InternVL's candidate ``(cols, rows)`` grids with ``min_num..max_num`` tiles, in InternVL's order:
+    by tile count, and within one count in the iteration order of a Python set of the grids, as its code
+    builds them (the order decides exact ties in ``closest_grid``)."""
     ratios = {
         (i, j)
         for n in range(min_num, max_num + 1)
@@ -263,8 +210,10 @@ def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
 
 
 def closest_grid(width: int, height: int, ratios: Sequence[tuple[int, int]], tile: int) -> tuple[int, int]:
-    """InternVL ``find_closest_aspect_ratio``: ``(cols, rows)``; exact float ties go to the later grid
-    only when the image fills more than half of it (pitfall P6)."""
+    """InternVL ``find_closest_aspect_ratio``: the ``(cols, rows)`` grid whose aspect ratio is closest
+    to the image's. Only exactly equal float differences tie, and a tie goes to the later grid only when
+    the image has more than half as many pixels as that grid of ``tile x tile`` tiles (strict ``>``),
+    so a small image is not spread over many tiles."""
     aspect = width / height
     best_diff, best = float("inf"), (1, 1)
     area = width * height
@@ -302,7 +251,6 @@ class Strategy(ABC):
     """A resolution strategy: ``layout`` (geometry), ``render`` (pixels) and ``count`` (LM tokens)."""
 
     name: str = ""
-    description: str = ""
 
     def __init__(self, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS):
         self.max_input_pixels = max_input_pixels
@@ -322,10 +270,11 @@ class Strategy(ABC):
         return self.count(width, height).total
 
     def plan(self, image) -> list[View]:
-        """Views of an image (pixels attached), or of a ``(width, height)`` pair (geometry only)."""
+        """Views of an image (pixels attached), or of a ``(width, height)`` pair (geometry only); see
+        the module-level ``plan``."""
         if isinstance(image, (tuple, list)):
             return self.layout(*image_size(image))
-        img = load_image(image, max_input_pixels=self.max_input_pixels)
+        img = PIL.Image.fromarray(load_rgb(image, max_input_pixels=self.max_input_pixels, check=self.check))
         views = self.layout(*img.size)
         pixels = self._render(img, views)
         return [replace(v, image=p) for v, p in zip(views, pixels, strict=True)]
@@ -350,7 +299,6 @@ class Llava15(Strategy):
     """LLaVA-1.5: pad to square with the CLIP mean colour (floor offset), resize to 336; 576 tokens."""
 
     name = "llava15"
-    description = "LLaVA-1.5: pad to square, 336 px, CLIP-L/14"
 
     def __init__(self, *, size: int = 336, patch: int = 14, **kw):
         super().__init__(**kw)
@@ -383,7 +331,6 @@ class LlavaNext(Strategy):
     """
 
     name = "llava_next"
-    description = "LLaVA-NeXT AnyRes: 336 tiles (5 canvases) + squashed base, unpad + newline"
 
     def __init__(
         self,
@@ -411,7 +358,9 @@ class LlavaNext(Strategy):
         g = self.tile // self.patch
         cur_h, cur_w = rows * g, cols * g
         if width / height > cur_w / cur_h:
-            new_h = int(round(height * (cur_w / width), 7))  # transformers rounds to 7 places (pitfall P2)
+            # rounding to 7 places before truncating, as transformers does, keeps float error from
+            # dropping a row: 110 * (48 / 352) = 14.999999999999998 counts as 15
+            new_h = int(round(height * (cur_w / width), 7))
             cur_h -= 2 * ((cur_h - new_h) // 2)
         else:
             new_w = int(round(width * (cur_h / height), 7))
@@ -450,7 +399,6 @@ class LlavaNext(Strategy):
 
 class LlavaOneVision(LlavaNext):
     name = "llava_onevision"
-    description = "LLaVA-OneVision anyres_max_9: 384 tiles (up to 6x6) + base, pooled past 9 tiles"
 
     def __init__(self, *, max_anyres: int = 9, **kw):
         kw.setdefault("tile", 384)
@@ -461,10 +409,9 @@ class LlavaOneVision(LlavaNext):
 class InternVL(Strategy):
     """InternVL ``dynamic_preprocess``: squash to the closest ``cols x rows`` grid of 448 tiles, plus
     a squashed thumbnail last when there is more than one tile; 256 tokens per 448 image, +2 for
-    ``<img>``/``</img>``. ``max_tiles`` is 12 (README / training), 6 in the eval scripts."""
+    ``<img>``/``</img>``. ``max_tiles`` is 12 (InternVL's README and training), 6 in its eval scripts."""
 
     name = "internvl"
-    description = "InternVL dynamic tiling: 448 tiles (<= max_tiles) + thumbnail, 256 tok/tile"
 
     def __init__(
         self,
@@ -517,10 +464,10 @@ class Qwen2VL(Strategy):
     """Qwen2-VL native resolution: one view of ``smart_resize`` size; tokens = merged 2x2 patches.
 
     ``max_pixels`` defaults to transformers' class default (28*28*1280); the released checkpoints'
-    ``preprocessor_config.json`` uses 12845056 (pitfall P7)."""
+    ``preprocessor_config.json`` uses 12845056, so pass that to count tokens as a released checkpoint does
+    (1920x1080 px: 1222 tokens with the class default, 2691 with the released value)."""
 
     name = "qwen2_vl"
-    description = "Qwen2-VL native: smart_resize to multiples of 28, 2x2 merge"
 
     def __init__(self, *, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, **kw):
         super().__init__(**kw)
@@ -529,9 +476,7 @@ class Qwen2VL(Strategy):
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
 
     def target(self, width: int, height: int) -> tuple[int, int]:
-        """``(width, height)`` after ``smart_resize``."""
-        from .preprocess import smart_resize
-
+        """``(width, height)`` in px, multiples of 28, after ``smart_resize``."""
         h, w = smart_resize(height, width, ENCODE_FACTOR, self.min_pixels, self.max_pixels)
         return w, h
 
@@ -554,7 +499,7 @@ def _deepseek_q(side: int) -> int:
 
 
 class DeepSeekOCR(Strategy):
-    """DeepSeek-OCR native modes and Gundam (released code's placeholder counts, tiling.md §5).
+    """DeepSeek-OCR native modes and Gundam, counted as the released inference code counts placeholders.
 
     Native: one ``base`` view, squashed (Tiny 512, Small 640) or ``ImageOps.pad``-ed with grey 127
     (Base 1024, Large 1280); tokens ``q(q+1) + 1`` with ``q = ceil((S//16)/4)``. Gundam: InternVL
@@ -581,8 +526,6 @@ class DeepSeekOCR(Strategy):
         self.name = f"deepseek_ocr_{mode}"
         self.base, self.fit, self.tile = self.MODES[mode]
         self.max_crops, self.min_crops = max_crops, min_crops
-        tiles = f" + {self.tile} tiles ({min_crops}..{max_crops})" if self.tile else ""
-        self.description = f"DeepSeek-OCR {mode}: {self.base} {self.fit}{tiles}, 16x compressor"
 
     def grid_for(self, width: int, height: int) -> tuple[int, int] | None:
         """Gundam ``(cols, rows)``, or None when there are no tiles."""
@@ -651,7 +594,8 @@ def get(name: str | Strategy, **options) -> Strategy:
 
 
 def num_tokens(name: str | Strategy, width: int, height: int, **options) -> int:
-    """Language-model tokens of a ``width x height`` image under a strategy (see the module docstring)."""
+    """Language-model tokens (a python int) of a ``width x height`` px image under a strategy, counted
+    as the system itself counts them (see the module docstring)."""
     return get(name, **options).num_tokens(width, height)
 
 
@@ -661,8 +605,12 @@ def count(name: str | Strategy, width: int, height: int, **options) -> TokenCoun
 
 
 def plan(name: str | Strategy, image, **options) -> list[View]:
-    """The views of ``image`` (PIL image, ``HxWx3`` uint8 array, path, or a ``(width, height)`` pair
-    for geometry only), in the order the language model reads them."""
+    """The views of ``image``, in the order the language model reads them.
+
+    ``image``: a PIL image, an ``(H, W, 3)`` uint8 array or a path, or a ``(width, height)`` pair for
+    geometry only. Each ``View.image`` is an RGB PIL image of ``View.size`` px (a native view: the
+    original image), or None for a pair.
+    """
     return get(name, **options).plan(image)
 
 
@@ -672,37 +620,6 @@ def parse_size(text: str) -> tuple[int, int] | None:
     if len(parts) == 2 and all(p.isdigit() for p in parts):
         return int(parts[0]), int(parts[1])
     return None
-
-
-def cost_table(images, names: Sequence[str] = NAMES, cfg=None) -> list[dict]:
-    """For each image (anything ``image_size`` reads; paths read the header only) and strategy: views,
-    language-model tokens, encoder patches and forward FLOPs of the packed Qwen2-VL encoder ``cfg``
-    (default the full Qwen2-VL tower). A strategy that refuses an image gets its reason in ``error``."""
-    from .config import VisionConfig
-    from .model import flops
-
-    cfg = cfg if cfg is not None else VisionConfig.qwen2_vl()
-    rows = []
-    for image in images:
-        w, h = image_size(image)
-        label = str(image) if isinstance(image, (str, Path)) else f"{w}x{h}"
-        for name in names:
-            row = {"image": label, "size": f"{w}x{h}", "strategy": str(name)}
-            try:
-                strategy = get(name)
-                views = strategy.layout(w, h)
-                lengths = [v.num_patches for v in views]
-                row.update(
-                    views=len(views),
-                    tokens=strategy.num_tokens(w, h),
-                    patches=sum(lengths),
-                    flops=flops(cfg, lengths)["total"],
-                    error="",
-                )
-            except ValueError as e:
-                row.update(views=0, tokens=0, patches=0, flops=0, error=str(e))
-            rows.append(row)
-    return rows
 
 
 __all__ = [
@@ -717,7 +634,6 @@ __all__ = [
     "Strategy",
     "TokenCount",
     "View",
-    "cost_table",
     "count",
     "encode_side",
     "get",

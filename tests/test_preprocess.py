@@ -18,7 +18,8 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
 
-# Values from the Qwen2-VL spec (qwen.md §1.1), worked out from the published algorithm.
+# (H, W) -> smart_resize with transformers' class default max_pixels, and with the released checkpoints',
+# worked out by hand from Qwen2-VL's published algorithm.
 SPEC_TABLE = [
     ((224, 224), (224, 224), (224, 224)),
     ((480, 640), (476, 644), (476, 644)),

@@ -1,6 +1,6 @@
 """Resolution strategies: token counts against transformers (computed live), pixels against its image
-processors, DeepSeek-OCR against the worked examples of reference/tiling.md, packed encoding of every
-strategy's views, bad input.
+processors, DeepSeek-OCR against counts worked out by hand from its released code's rule, packed
+encoding of every strategy's views, bad input.
 
 transformers' processors are built from their classes with explicit configs (the released checkpoints'
 values) and a tiny in-memory WordLevel tokenizer holding just the special tokens, so nothing is
@@ -21,11 +21,16 @@ import torch
 
 import nativevit as nv
 from nativevit import strategies as S
+from nativevit.image import MAX_ASPECT_RATIO
 
 SEED_SIZES = [(1000, 600), (336, 336), (128, 16), (1500, 4500), (1920, 1080), (4000, 3000)]
-# tiling.md pitfalls (W x H): P1 pinpoint-order ties, P2 unpad rounding, P3 float ceil, P5 OneVision
-# past 7290, P6 InternVL tie-breaks, P7 Qwen half-to-even (70 -> 56, 98 -> 112) and tiny sides
-PITFALL_SIZES = [
+# sizes (W x H) where a reimplementation can drift from the reference: canvases tied on effective and
+# wasted pixels, broken by pinpoint order (200x100, 100x200); float error in LLaVA-NeXT's unpadding
+# (352x110: 110 * (48 / 352) = 14.999999999999998 must count as 15, which keeps 16 feature rows, not 14);
+# OneVision's pooling threshold, which lets 967x1169 reach 8765 tokens; InternVL's exact aspect-ratio ties
+# (square and 5:4 images); Qwen2-VL's half-to-even rounding (70 -> 56, 98 -> 112); sides under one
+# 14 px patch (500x10, 300x13); a long strip (7200x100); the smallest accepted sides (4x4, 5x600)
+EDGE_SIZES = [
     (200, 100), (100, 200), (352, 110), (967, 1169), (500, 500), (700, 700), (1000, 1000), (1000, 800),
     (70, 70), (98, 98), (500, 10), (300, 13), (7200, 100), (4, 4), (5, 600),
 ]  # fmt: skip
@@ -35,8 +40,8 @@ def _sweep_sizes(n: int = 400, seed: int = 0) -> list[tuple[int, int]]:
     rng = np.random.default_rng(seed)
     small = [(int(w), int(h)) for w, h in rng.integers(4, 700, size=(n // 2, 2))]
     large = [(int(w), int(h)) for w, h in rng.integers(4, 5000, size=(n // 2, 2))]
-    sizes = SEED_SIZES + PITFALL_SIZES + small + large
-    return [(w, h) for w, h in sizes if max(w, h) / min(w, h) <= S.MAX_ASPECT_RATIO]
+    sizes = SEED_SIZES + EDGE_SIZES + small + large
+    return [(w, h) for w, h in sizes if max(w, h) / min(w, h) <= MAX_ASPECT_RATIO]
 
 
 SWEEP = _sweep_sizes()
@@ -200,7 +205,8 @@ def test_view_pixels_equal_transformers(hf, name, w, h):
     """Geometry (canvas, resize-and-pad with float ceil, paste offset, tile order, base / thumbnail
     squash, pad colour) checked bit for bit against the transformers PIL image processors."""
     img = _random_image(w, h, seed=w * h)
-    kwargs = {"crop_to_patches": True} if name == "internvl" else {}  # as InternVLProcessor sets it (P6)
+    # InternVLProcessor turns tiling on; its image processor's default (crop_to_patches=False) does not tile
+    kwargs = {"crop_to_patches": True} if name == "internvl" else {}
     out = hf[name].image_processor(PIL.Image.fromarray(img), **kwargs)["pixel_values"]
     ref = np.stack(out) if name == "internvl" else np.asarray(out[0])
     ref = ref.reshape(-1, *ref.shape[-3:])
@@ -210,7 +216,7 @@ def test_view_pixels_equal_transformers(hf, name, w, h):
 
 
 def test_llava_next_float_ceil_canvas():
-    """P3: ceil(3000 * (672/4000)) = 505 rows of content, not the exact-integer 504."""
+    """Float ceil, as in transformers: ceil(3000 * (672/4000)) = 505 rows of content, not the exact 504."""
     assert S.resized_within(3000, 4000, 672, 672) == (505, 672)
     assert S.LlavaNext().canvas(4000, 3000) == (2, 2)
 
@@ -230,9 +236,12 @@ def test_qwen2_vl_strategy_is_the_default_processor():
         )
 
 
-# ---------------------------------------------------------------------------- DeepSeek-OCR (tiling.md §5)
+# ---------------------------------------------------------------------------- DeepSeek-OCR
 
-# worked examples, tiling.md §5.4 / §5.5: size -> (tiny, small, base, large, gundam 2..6, gundam 2..9)
+# worked out by hand from the released code's rule: a view of S px gives q rows of q features + 1 newline,
+# q = ceil((S // 16) / 4) (8, 10, 16, 20 for S = 512, 640, 1024, 1280), plus 1 view separator; Gundam adds
+# (r * 10) * (c * 10 + 1) for its c x r grid of 640 px tiles, the grid chosen as InternVL's with 2..max tiles.
+# size -> (tiny, small, base, large, gundam 2..6, gundam 2..9)
 DEEPSEEK_EXAMPLES = {
     (1000, 600): (73, 111, 273, 421, 893, 893),
     (336, 336): (73, 111, 273, 421, 273, 273),
@@ -255,7 +264,8 @@ def test_deepseek_ocr_worked_examples(size):
 
 
 def test_deepseek_ocr_gundam_grids_and_bounds():
-    # tiling.md §5.5: grids (cols x rows) and the 1x6 / 1x9 upper bounds
+    # grids (cols x rows) chosen by the InternVL rule with 2..6 tiles, and the upper bounds of 1x6 and 1x9
+    # grids: 273 + 60 * 11 = 933 and 273 + 90 * 11 = 1263 tokens
     expected_grids = {(1000, 600): (3, 2), (1500, 4500): (1, 3), (1920, 1080): (2, 1), (4000, 3000): (3, 2)}
     for size, (cols, rows) in expected_grids.items():
         views = S.plan("deepseek_ocr_gundam", size)
@@ -270,8 +280,10 @@ def test_deepseek_ocr_gundam_grids_and_bounds():
     assert (c.content, c.special) == (6 * 100 + 256, 1)  # the paper's n*100 + 256, plus the separator
 
 
+# content W x H @ (x, y) inside the padded square, by ImageOps.pad's rule: the short side becomes
+# round(short / long * S) px and the offset round((S - side) / 2) px, both rounded half to even
 @pytest.mark.parametrize(
-    "mode, size, box",  # tiling.md §5.4: content W x H @ (x, y) inside the padded square
+    "mode, size, box",
     [
         ("base", (1000, 600), (0, 205, 1024, 614)),
         ("base", (1500, 4500), (342, 0, 341, 1024)),
@@ -453,7 +465,8 @@ def test_cli_tokens_table(tmp_path, capsys):
     PIL.Image.new("RGB", (1920, 1080)).save(path)
     assert main(["tokens", str(path), "7300x100", "--strategy", "internvl", "--strategy", "llava_next"]) == 0
     out = capsys.readouterr().out
-    # InternVL at 1920x1080: 4x2 tiles + thumbnail (tiling.md §3), each 448 px = 32x32 encoder patches
+    # InternVL at 1920x1080: 4x2 tiles (aspect 2 ties 2x1; the image has more than half the 4x2 grid's
+    # pixels, so the later grid wins) + thumbnail, each 448 px = 32x32 encoder patches
     gflops = flops(nv.VisionConfig.qwen2_vl(), [32 * 32] * 9)["total"] / 1e9
     row = next(line.split() for line in out.splitlines() if line.startswith(str(path)) and "internvl" in line)
     assert row[2:] == ["9", "2306", str(9 * 1024), f"{gflops:.1f}"]
