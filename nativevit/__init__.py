@@ -10,7 +10,9 @@ from . import ops, strategies
 from .config import VisionConfig
 from .model import NativeViT
 from .packing import PackedBatch, Segments, cu_seqlens_from_grid
-from .preprocess import ImageProcessor, smart_resize
+from .image import smart_resize
+from .preprocess import ImageProcessor
+from .sampler import TokenBudgetSampler
 from .timm_vit import from_timm
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __all__ = [
     "NativeViT",
     "PackedBatch",
     "Segments",
+    "TokenBudgetSampler",
     "VisionConfig",
     "cu_seqlens_from_grid",
     "from_timm",

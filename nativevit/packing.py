@@ -10,6 +10,8 @@ lengths). It is validated and built once per forward, so no layer ever syncs wit
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -215,6 +217,8 @@ class PackedBatch:
         image_sizes: ``(height, width)`` of each input before resizing, when known.
         views_per_image: with a resolution strategy (``ImageProcessor(strategy=...)``), how many
             consecutive ``grid_thw`` rows (views) belong to each input image; None means one each.
+        num_padding_images: trailing ``grid_thw`` rows that are padding (see :meth:`pad_to`), left out
+            by :meth:`split` and :meth:`split_views`.
     """
 
     pixel_values: torch.Tensor
@@ -224,6 +228,7 @@ class PackedBatch:
     image_sizes: list[tuple[int, int]] | None = None
     spatial_merge_size: int = 2
     views_per_image: list[int] | None = None
+    num_padding_images: int = 0
 
     @classmethod
     def from_grid(
@@ -253,7 +258,48 @@ class PackedBatch:
 
     @property
     def num_images(self) -> int:
+        """Rows of ``grid_thw`` (padding images included)."""
         return self.grid_thw.shape[0]
+
+    def pad_to(self, num_tokens: int) -> PackedBatch:
+        """The batch with exactly ``num_tokens`` patch rows: a padding image of the missing rows is appended.
+
+        The padding image is ``(t, m, m)`` (``m`` the merge size) of zero pixels: ``t`` frames of ``m*m``
+        tokens, each its own attention segment, so it costs almost no attention and never touches the
+        real images (attention is block-diagonal). :meth:`split` and :meth:`split_views` of the padded
+        batch's outputs return only the real images. ``num_tokens`` below the batch's rows, or not a
+        multiple of ``m*m`` away from them, is a ``ValueError``. Used to run batches of varying size
+        at a few fixed token budgets (compiled shapes, CUDA graphs).
+        """
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+        extra = num_tokens - self.num_tokens
+        unit = self.spatial_merge_size**2
+        if extra < 0:
+            raise ValueError(f"cannot pad to {num_tokens} tokens: the batch already has {self.num_tokens}")
+        if extra % unit:
+            raise ValueError(
+                f"cannot pad {self.num_tokens} tokens to {num_tokens}: the padding ({extra} rows) must be a "
+                f"multiple of the merge unit {unit}"
+            )
+        if extra == 0:
+            return dataclasses.replace(self)
+        m = self.spatial_merge_size
+        pad_grid = torch.tensor(
+            [[extra // unit, m, m]], dtype=self.grid_thw.dtype, device=self.grid_thw.device
+        )
+        pad_rows = self.pixel_values.new_zeros(extra, self.pixel_values.shape[1])
+        pad_cu = self.cu_seqlens[-1] + unit * torch.arange(
+            1, extra // unit + 1, dtype=self.cu_seqlens.dtype, device=self.cu_seqlens.device
+        )
+        return dataclasses.replace(
+            self,
+            pixel_values=torch.cat([self.pixel_values, pad_rows]),
+            grid_thw=torch.cat([self.grid_thw, pad_grid]),
+            cu_seqlens=torch.cat([self.cu_seqlens, pad_cu]),
+            max_seqlen=max(self.max_seqlen, unit),
+            num_padding_images=self.num_padding_images + 1,
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -285,7 +331,8 @@ class PackedBatch:
                 f"cannot split {x.shape[0]} rows: the batch has {self.num_tokens} patch rows and "
                 f"{self.num_tokens // self.spatial_merge_size**2} merged tokens"
             )
-        return list(torch.split(x, sizes, dim=0))
+        parts = list(torch.split(x, sizes, dim=0))
+        return parts[: len(parts) - self.num_padding_images]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PackedBatch:
         """Move to a device; ``dtype`` converts ``pixel_values`` only."""
@@ -297,6 +344,7 @@ class PackedBatch:
             image_sizes=self.image_sizes,
             spatial_merge_size=self.spatial_merge_size,
             views_per_image=self.views_per_image,
+            num_padding_images=self.num_padding_images,
         )
 
     def split_views(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -505,3 +553,35 @@ def plan_batch(
     if layout == "padded":
         segments = segments.as_padded()
     return BatchPlan(layout, grid, segments, windows, cos, sin, pos_taps)
+
+
+# ----------------------------------------------------------------------------- token budgets
+
+
+def pack_by_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Greedy largest-first packing of items into batches of at most ``budget`` tokens.
+
+    ``lengths``: token count of each item. Items are taken longest first (ties in index order) and each
+    goes into the open batch with the most room if it fits there, else into a new batch (worst-fit
+    decreasing: ``O(n log batches)``). Every index appears exactly once; an item longer than ``budget``
+    is a batch of its own. Returns the batches as lists of indices, each in ascending index order, the
+    batches in the order they were opened (largest items first).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    sizes = [int(n) for n in lengths]
+    if any(n < 0 for n in sizes):
+        raise ValueError(f"lengths must be >= 0, got {min(sizes)}")
+    batches: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # max-heap of (-free tokens, batch index)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        n = sizes[i]
+        if room and -room[0][0] >= n:
+            free, b = heapq.heappop(room)
+            batches[b].append(i)
+            heapq.heappush(room, (free + n, b))
+        else:
+            batches.append([i])
+            if n < budget:
+                heapq.heappush(room, (n - budget, len(batches) - 1))
+    return [sorted(b) for b in batches]
