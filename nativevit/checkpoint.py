@@ -462,6 +462,23 @@ def _swap_in(path: Path, new: Path, old: Path, names: list[str]) -> None:
     _fsync(path)
 
 
+def _foreign_tensors(path: Path) -> int:
+    """How many tensors of the checkpoint already in ``path`` are not the tower's (a full VLM release's
+    language model): a tower-only save over it would delete them. Unreadable files count as none."""
+    try:
+        index = path / INDEX_FILE
+        if index.is_file():
+            keys = list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+        elif (path / SINGLE_FILE).is_file():
+            with safe_open(path / SINGLE_FILE, framework="pt") as f:
+                keys = list(f.keys())
+        else:
+            return 0
+    except Exception:  # noqa: BLE001  (a broken earlier save is replaced, as before)
+        return 0
+    return sum(1 for k in keys if not k.startswith(TOWER_PREFIXES))
+
+
 def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
     """Write ``config.json`` and safetensors shards (+ index when more than one) in the layout of the
     family's releases: top-level ``model_type`` and ``architectures``, ``vision_config`` in the
@@ -471,9 +488,18 @@ def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int 
     Atomic: the files are written in a temporary folder inside ``path`` and renamed into place; if
     anything fails the earlier checkpoint in ``path`` is left as it was. Files of an earlier save that
     this one does not write (``config.json``, ``model.safetensors``, ``model.safetensors.index.json``,
-    ``model-XXXXX-of-YYYYY.safetensors``) are removed; other files in ``path`` are kept.
+    ``model-XXXXX-of-YYYYY.safetensors``) are removed; other files in ``path`` are kept. A directory
+    holding a full model (tensors outside the tower, e.g. a released VLM's language model) is refused:
+    saving the tower there would delete them.
     """
     path = Path(path)
+    foreign = _foreign_tensors(path) if path.is_dir() else 0
+    if foreign:
+        raise ValueError(
+            f"{path} holds a full model checkpoint ({foreign} tensors outside the vision tower); "
+            "save_pretrained writes a tower-only checkpoint and would delete them: "
+            "save into another directory"
+        )
     fam = model.config.family
     config = {
         "model_type": fam.name,

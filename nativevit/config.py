@@ -486,6 +486,8 @@ class VisionConfig:
                 kwargs[renames[key]] = value
                 given.add(renames[key])
             elif key == "rope_parameters":
+                if value is not None and not isinstance(value, dict):
+                    raise ValueError(f"vision_config.rope_parameters must be an object, got {value!r}")
                 if value:
                     if value.get("rope_type", "axial") not in ("axial", "default"):
                         raise ValueError(f"unsupported vision rope_type {value.get('rope_type')!r}")

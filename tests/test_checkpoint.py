@@ -483,3 +483,13 @@ def test_mismatch_message_is_summarised(tmp_path):
     ) as err:
         nv.NativeViT.from_pretrained(path)
     assert len(str(err.value)) < 1000
+
+
+def test_save_refuses_to_overwrite_a_full_release(tmp_path):
+    """Saving the tower into a released VLM directory would delete its language model: refused."""
+    path = write_released_checkpoint(hf_tower(), tmp_path / "release", extra_keys=True)
+    before = sorted(p.name for p in path.iterdir())
+    model = nv.NativeViT.from_pretrained(path)
+    with pytest.raises(ValueError, match="full model checkpoint"):
+        model.save_pretrained(path)
+    assert sorted(p.name for p in path.iterdir()) == before
