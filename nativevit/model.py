@@ -444,7 +444,15 @@ class NativeViT(nn.Module):
         deepstack: bool,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Blocks over the batch: ``(N, embed_dim)`` final states in input order, DeepStack tokens."""
-        cfg = self.config
+        plan = self._prepare(pixel_values, grid_thw, plan, layout)
+        return self._run(pixel_values, plan, deepstack)
+
+    @torch.compiler.disable
+    def _prepare(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, plan: BatchPlan | None, layout: str | None
+    ) -> BatchPlan:
+        """Host side of a forward, always eager (``torch.compile`` breaks the graph here): validate the
+        inputs, build the batch's plan, and let the attention backend prepare for its segments."""
         grid = self._check_inputs(pixel_values, grid_thw)
         if plan is None:
             plan = self.plan(grid, layout=layout, device=pixel_values.device)
@@ -452,6 +460,24 @@ class NativeViT(nn.Module):
             raise ValueError(f"layout={layout!r} but the plan was built for {plan.layout!r}")
         elif plan.grid != tuple(grid):
             raise ValueError("the plan was built for another grid_thw")
+        cfg = self.config
+        like = pixel_values.new_empty(
+            (0, cfg.num_heads, cfg.head_dim), dtype=self.patch_embed.proj.weight.dtype
+        )
+        backends = {"padded" if s.padded else self.attn_backend for s in plan.all_segments()}
+        for name in backends:
+            backend = ops.resolve_backend("attention", name, like)
+            if backend.prepare is not None:
+                for segments in plan.all_segments():
+                    if segments.padded == (name == "padded"):
+                        backend.prepare(segments, like)
+        return plan
+
+    def _run(
+        self, pixel_values: torch.Tensor, plan: BatchPlan, deepstack: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The device side of a forward: only tensors and the plan's prebuilt metadata (traceable)."""
+        cfg = self.config
         x = self.patch_embed(pixel_values)
         if plan.pos_taps is not None:
             index, weight = plan.pos_taps

@@ -83,8 +83,23 @@ def varlen_attention(
         backend: "auto" or a name from ``available_backends()["attention"]``.
 
     Returns ``(total, heads, head_dim)`` in the dtype of ``q``.
+
+    Under ``torch.compile`` the host-side checks (the contents of ``cu_seqlens``, its device, the
+    row count of ``Segments``, ``scale``) are skipped, so nothing reads ``cu_seqlens`` inside the graph:
+    pass ``max_seqlen`` as an int there. The tensor checks (shapes, dtypes, strides) still run.
     """
     _check_qkv(q, k, v)
+    if torch.compiler.is_compiling():
+        if isinstance(cu_seqlens, Segments):
+            segments = cu_seqlens
+        elif max_seqlen is None:
+            raise ValueError(
+                "under torch.compile pass max_seqlen (an int): it cannot be read from cu_seqlens"
+            )
+        else:
+            segments = Segments.traced(cu_seqlens, max_seqlen)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return resolve_backend("attention", backend, q).fn(q, k, v, segments, scale)
     if isinstance(cu_seqlens, Segments):
         segments = cu_seqlens
         if segments.num_rows != q.shape[0]:

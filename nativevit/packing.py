@@ -131,6 +131,18 @@ class Segments:
         return segments
 
     @classmethod
+    def traced(cls, cu_seqlens: torch.Tensor, max_seqlen: int) -> Segments:
+        """Segments known only on the device, for code traced by ``torch.compile``: no host read of
+        ``cu_seqlens`` (nothing is validated, and ``lengths`` is None). Backends that need host lengths
+        (the padded layout, Triton's work lists) need segments built eagerly instead."""
+        out = object.__new__(Segments)
+        for name, value in (("lengths", None), ("max_seqlen", max_seqlen), ("cu_seqlens", cu_seqlens)):
+            object.__setattr__(out, name, value)
+        object.__setattr__(out, "padded", False)
+        object.__setattr__(out, "_cache", {})
+        return out
+
+    @classmethod
     def from_grid(
         cls, grid_thw: Sequence[tuple[int, int, int]], device: torch.device | str | None = None
     ) -> Segments:
@@ -148,8 +160,17 @@ class Segments:
         return out
 
     def cached(self, key, build: Callable[[], Any]) -> Any:
-        """``build()`` once per batch and key (e.g. a kernel's work list), then the stored value."""
+        """``build()`` once per batch and key (e.g. a kernel's work list), then the stored value.
+
+        Code compiled by ``torch.compile`` only reads what was built eagerly (``BatchPlan`` builds what
+        its backends need): building there would read host lengths inside the graph.
+        """
         if key not in self._cache:
+            if self.lengths is None:
+                raise RuntimeError(
+                    f"{key[0]!r} needs the host lengths of the segments, which raw cu_seqlens under "
+                    "torch.compile do not have: pass the batch's Segments (or a model's plan) instead"
+                )
             self._cache[key] = build()
         return self._cache[key]
 
@@ -172,9 +193,10 @@ class Segments:
     def total(self) -> int:
         return sum(self.lengths)
 
-    def padded_layout(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(flat, mask, S')``: ``flat`` ``(N,)`` int64, the row of every token in the ``(S', max_seqlen)``
-        padded batch; ``mask`` ``(S', max_seqlen)`` bool, True on real keys; S' the non-empty segments.
+    def padded_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flat, mask)``: ``flat`` ``(N,)`` int64, the row of every token in the ``(S', max_seqlen)``
+        padded batch; ``mask`` ``(S', max_seqlen)`` bool, True on real keys; S' counts the non-empty
+        segments (sizes are read from the tensors, so compiled code sees them as symbolic).
 
         Empty segments are left out of the padded batch: they have no queries, and an all-masked
         key row would only produce NaNs that nobody reads.
@@ -187,20 +209,20 @@ class Segments:
             start = F.pad(lengths.cumsum(0), (1, 0))[:-1]
             flat = seg * width + torch.arange(int(lengths.sum())) - start[seg]
             mask = torch.arange(width)[None, :] < lengths[:, None]
-            return flat.to(self.device), mask.to(self.device), n_seg
+            return flat.to(self.device), mask.to(self.device)
 
         return self.cached(("padded_layout", self.device), build)
 
 
 def pad_segments(x: torch.Tensor, segments: Segments) -> torch.Tensor:
     """``(N, ...)`` packed rows -> ``(S' * max_seqlen, ...)`` zero-padded rows (segment-major)."""
-    flat, _, n_seg = segments.padded_layout()
-    return x.new_zeros((n_seg * segments.max_seqlen, *x.shape[1:])).index_copy(0, flat, x)
+    flat, mask = segments.padded_layout()
+    return x.new_zeros((mask.numel(), *x.shape[1:])).index_copy(0, flat, x)
 
 
 def unpad_segments(x: torch.Tensor, segments: Segments) -> torch.Tensor:
     """Inverse of :func:`pad_segments`: ``(S' * max_seqlen, ...)`` -> ``(N, ...)``."""
-    flat, _, _ = segments.padded_layout()
+    flat, _ = segments.padded_layout()
     return x.index_select(0, flat)
 
 
@@ -462,6 +484,23 @@ class BatchPlan:
     sin: torch.Tensor | None = None
     pos_taps: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def __post_init__(self) -> None:
+        # everything layers read is built here, eagerly: compiled code only reads it
+        self._windowed: tuple[Segments, PaddedWindows | None] | None = None
+        if self.windows is not None:
+            if self.padded:
+                local = self.windows.segments.as_padded()
+                self._windowed = (local, PaddedWindows(self.segments, self.windows.segments))
+            else:
+                self._windowed = (self.windows.segments, None)
+        if self.padded:
+            for segments in self.all_segments():
+                segments.padded_layout()
+        # Segment counts are unrelated sizes: keep torch.compile from assuming two of them equal because
+        # they happened to be equal in the first batch (duck sizing), which would recompile later.
+        for segments in self.all_segments():
+            torch._dynamo.decorators.mark_unbacked(segments.cu_seqlens, 0)
+
     @property
     def padded(self) -> bool:
         return self.layout == "padded"
@@ -476,9 +515,11 @@ class BatchPlan:
         of the padded baseline, whose rows are padded frames but whose attention runs on padded windows."""
         if not windowed or self.windows is None:
             return self.segments, None
-        if self.padded:
-            return self.windows.segments.as_padded(), PaddedWindows(self.segments, self.windows.segments)
-        return self.windows.segments, None
+        return self._windowed
+
+    def all_segments(self) -> list[Segments]:
+        """Every ``Segments`` a block of this batch attends over (frames, and windows if any)."""
+        return [self.segments] + ([self.attention(True)[0]] if self.windows is not None else [])
 
     def to_layout(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, ...)`` rows in input order -> the blocks' rows (window order, padded if padded)."""

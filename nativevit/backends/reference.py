@@ -30,10 +30,20 @@ def varlen_attention_ref(
 
     ``q, k, v``: ``(total, heads, head_dim)``; returns the same shape in q's dtype. Never builds an
     N x N mask: memory is that of SDPA on the longest segment. Consecutive segments of the same length
-    (video frames, uniform image sets) go through one batched call.
+    (video frames, uniform image sets) go through one batched call. Under ``torch.compile`` it runs as
+    the custom op ``nativevit::torch_varlen_attention``, which reads the lengths when it runs, so the
+    graph holds no host read and no per-layout guard.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.nativevit.torch_varlen_attention(
+            q, k, v, segments.cu_seqlens, segments.max_seqlen, scale
+        )
+    return _per_segment_sdpa(q, k, v, segments.lengths, scale)
+
+
+def _per_segment_sdpa(q, k, v, lengths, scale: float) -> torch.Tensor:
     outs = []
-    start, i, lengths = 0, 0, segments.lengths
+    start, i = 0, 0
     while i < len(lengths):
         n, j = lengths[i], i
         while j < len(lengths) and lengths[j] == n:
@@ -53,6 +63,97 @@ def varlen_attention_ref(
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+def _equal_runs(lengths) -> list[tuple[int, int, int]]:
+    """``(first row, segments, length)`` of each run of consecutive equal-length, non-empty segments."""
+    runs, start, i = [], 0, 0
+    while i < len(lengths):
+        n, j = lengths[i], i
+        while j < len(lengths) and lengths[j] == n:
+            j += 1
+        if n > 0:
+            runs.append((start, j - i, n))
+            start += n * (j - i)
+        i = j
+    return runs
+
+
+def _per_segment_sdpa_bwd(grad, q, k, v, lengths, scale: float):
+    """Gradients of :func:`_per_segment_sdpa` by the attention backward formulas, per run of equal
+    segments, in at least fp32: ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``,
+    ``dQ = scale * dS K``, ``dK = scale * dS^T Q``."""
+    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    acc = torch.promote_types(q.dtype, torch.float32)
+    for start, count, n in _equal_runs(lengths):
+        rows = slice(start, start + count * n)
+
+        def heads_first(x, rows=rows, count=count, n=n):
+            return x[rows].reshape(count, n, *x.shape[1:]).transpose(1, 2).to(acc)  # (G, H, n, D)
+
+        qs, ks, vs, do = (heads_first(x) for x in (q, k, v, grad))
+        p = torch.softmax(qs @ ks.transpose(-1, -2) * scale, dim=-1)
+        out = p @ vs
+        ds = p * (do @ vs.transpose(-1, -2) - (do * out).sum(-1, keepdim=True))
+        for dst, val in (
+            (dq, ds @ ks * scale),
+            (dk, ds.transpose(-1, -2) @ qs * scale),
+            (dv, p.transpose(-1, -2) @ do),
+        ):
+            dst[rows] = val.transpose(1, 2).reshape(-1, *dst.shape[1:]).to(dst.dtype)
+    return dq, dk, dv
+
+
+def _lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    offsets = cu_seqlens.tolist()
+    return [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+@torch.library.custom_op("nativevit::torch_varlen_attention", mutates_args=())
+def _torch_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
+    return _per_segment_sdpa(q, k, v, _lengths(cu_seqlens), scale)
+
+
+@_torch_varlen_attention.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("nativevit::torch_varlen_attention_bwd", mutates_args=())
+def _torch_varlen_attention_bwd(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _per_segment_sdpa_bwd(grad, q, k, v, _lengths(cu_seqlens), scale)
+
+
+@_torch_varlen_attention_bwd.register_fake
+def _(grad, q, k, v, cu_seqlens, max_seqlen, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _backward(ctx, grad):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = torch.ops.nativevit.torch_varlen_attention_bwd(
+        grad.contiguous(), q, k, v, cu_seqlens, ctx.max_seqlen, ctx.scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+_torch_varlen_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
 def padded_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
 ) -> torch.Tensor:
@@ -62,8 +163,8 @@ def padded_attention(
     the padded layout (``segments.padded``: ``(S' * max_seqlen, heads, head_dim)``, as the padded
     baseline encoder keeps them in every layer) are used as they are.
     """
-    _, mask, n_seg = segments.padded_layout()
-    shape = (n_seg, segments.max_seqlen, *q.shape[1:])
+    _, mask = segments.padded_layout()
+    shape = (*mask.shape, *q.shape[1:])
     if segments.padded:
         out = _sdpa(q.view(shape), k.view(shape), v.view(shape), scale, mask=mask[:, None, None, :])
         return out.reshape(-1, *q.shape[1:])

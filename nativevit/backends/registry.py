@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,6 +38,8 @@ class Backend:
     validated. ``unavailable(device_type)`` returns why the backend cannot run on that device type
     ("cpu", "cuda"), or None. ``rejects(x)`` returns why it cannot take this input (``x`` is q), or None.
     ``auto=False`` keeps a backend out of automatic selection (the padded baseline).
+    ``prepare(segments, x)``, when set, builds what ``fn`` will need for these segments (e.g. a kernel's
+    work list, kept in ``segments.cached``); a batch's plan calls it eagerly, so compiled code only reads.
     """
 
     name: str
@@ -44,6 +47,7 @@ class Backend:
     unavailable: Callable[[str], str | None] = _runs_anywhere
     rejects: Callable[[torch.Tensor], str | None] = _takes_anything
     auto: bool = True
+    prepare: Callable[[Any, torch.Tensor], None] | None = None
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
