@@ -4,9 +4,10 @@ The pure-PyTorch package ``nativevit`` and the Triton kernels in ``kernels/`` (i
 subpackage ``nativevit.kernels``; the top-level name ``kernels`` belongs to another project), plus the
 extension ``nativevit._C`` built from ``csrc/``:
 
-* the C++ CPU kernels, always (when torch is importable at build time: install with
-  ``pip install --no-build-isolation -e .`` after torch);
-* the CUDA kernels when torch has CUDA and a CUDA toolkit is found.
+* the op schemas and the C++ CPU kernels (``csrc/ops.cpp``, ``csrc/checks.cpp``, ``csrc/cpu/``), always
+  (when torch is importable at build time: install with ``pip install --no-build-isolation -e .``
+  after torch);
+* the CUDA kernels (``csrc/cuda/``) when torch has CUDA and a CUDA toolkit is found.
 
 Environment switches:
 
@@ -76,6 +77,11 @@ def _cuda_gencode_flags() -> list[str]:
     return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
 
 
+def _sources(folder: str, *patterns: str) -> list[str]:
+    """Files of ``folder`` matching ``patterns``, relative to this directory, sorted."""
+    return sorted(str(p.relative_to(HERE)) for pat in patterns for p in (HERE / folder).glob(pat))
+
+
 def extension_modules() -> tuple[list, dict]:
     """``(ext_modules, cmdclass)`` for ``nativevit._C``; empty (with a warning) when nothing can be built."""
     cuda_home = None
@@ -95,7 +101,8 @@ def extension_modules() -> tuple[list, dict]:
             stacklevel=1,
         )
         return [], {}
-    sources = ["csrc/ops.cpp"]
+    # csrc/ops.cpp: schemas + CPU registration; checks.cpp: the bounds checks CPU and CUDA share
+    sources = ["csrc/ops.cpp", "csrc/checks.cpp", *_sources("csrc/cpu", "*.cpp")]
     # -fopenmp: at::parallel_for's `omp parallel` lives in torch's headers, so without it every
     # parallel_for in csrc/ runs on one thread
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
@@ -114,14 +121,14 @@ def extension_modules() -> tuple[list, dict]:
     else:
         with_cuda = True
     if with_cuda:
-        sources += sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc" / "cuda").glob("*.cu"))
+        # .cu: kernels and plain launchers (CUDA headers only); .cpp: CUDA registration and backward
+        sources += _sources("csrc/cuda", "*.cu", "*.cpp")
         nvcc_flags = ["-O3", "-lineinfo", *_cuda_gencode_flags()]
         if os.environ.get("NVCC_THREADS"):
             nvcc_flags += ["--threads", os.environ["NVCC_THREADS"]]
         ext = CUDAExtension(
             "nativevit._C",
             sources,
-            define_macros=[("NATIVEVIT_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             **kwargs,
         )

@@ -1,59 +1,8 @@
 """Triton kernels of nativevit, installed as ``nativevit.kernels`` (one op per file, each with its reference).
 
-* ``rope2d``: fused 2D RoPE of q and k (``nativevit::rope2d``, ``nativevit::rope2d_``).
-* ``varlen_attention``: block-diagonal varlen flash attention, forward and backward
-  (``nativevit::varlen_attention_fwd``, ``nativevit::varlen_attention_bwd``).
+* ``rope2d``: fused 2D RoPE of q and k.
+* ``varlen_attention``: block-diagonal varlen flash attention, forward and backward.
 
-Importing this registers the ``triton`` backend of both ops in ``nativevit.ops``. It is available on
-CUDA devices, and on CPU only when ``TRITON_INTERPRET=1`` was set before triton was imported (tests);
-``auto`` never picks the interpreter. Without triton the backend is still registered and an explicit
-request says why it cannot run.
+Importing a kernel module needs triton. The ``triton`` backend that puts them behind the public ops
+is ``nativevit.backends.triton``; these modules import only the registry and the references.
 """
-
-from __future__ import annotations
-
-from nativevit.ops import Backend, register_backend, triton_interpreted
-
-try:
-    import triton  # noqa: F401
-except ImportError as e:
-    _IMPORT_ERROR: str | None = f"triton cannot be imported ({e})"
-else:
-    _IMPORT_ERROR = None
-    from . import rope2d, varlen_attention
-
-
-def _unavailable(device_type: str) -> str | None:
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    if device_type == "cuda":
-        import torch
-
-        return None if torch.cuda.is_available() else "no CUDA device is available"
-    if device_type == "cpu":
-        if varlen_attention.INTERPRETED:
-            return None
-        if triton_interpreted():
-            return "TRITON_INTERPRET=1 was set after triton was imported; set it before importing nativevit"
-        return "triton kernels run on CPU only under the interpreter (TRITON_INTERPRET=1, set before import)"
-    return f"triton kernels do not run on {device_type} devices"
-
-
-def _missing(*args, **kwargs):
-    raise RuntimeError(_IMPORT_ERROR)
-
-
-if _IMPORT_ERROR is None:
-    register_backend(
-        "attention",
-        Backend(
-            "triton",
-            varlen_attention.varlen_attention,
-            _unavailable,
-            varlen_attention.varlen_attention_rejects,
-        ),
-    )
-    register_backend("rope", Backend("triton", rope2d.rope2d, _unavailable, rope2d.rope2d_rejects))
-else:
-    register_backend("attention", Backend("triton", _missing, _unavailable))
-    register_backend("rope", Backend("triton", _missing, _unavailable))

@@ -6,17 +6,20 @@ launch that reads each row of ``cos``/``sin`` once for all heads of q and k.
 
 Convention (rotate-half, pairs ``(i, i + d/2)``), with ``cos, sin: (total, d/2)`` float32:
 ``out[..., :d/2] = x1*cos - x2*sin`` and ``out[..., d/2:] = x2*cos + x1*sin``. The backward is the
-inverse rotation (``sin -> -sin``), so the same kernel serves both (``CONJUGATE``).
+inverse rotation (``sin -> -sin``), so the same kernel serves both (``INVERSE``).
 
 Grid: ``(cdiv(total, BLOCK_T),)``; a program owns ``BLOCK_T`` tokens and loops over the heads of q,
 then of k, so cos/sin are loaded once per token. The half-dim tile is ``next_pow2(d/2)`` lanes with a
 mask (``tl.arange`` needs powers of two): d=80 uses 64 lanes for 40 values, but the op is
 memory-bound and masked lanes move no bytes, so nothing is paid for them in bandwidth.
 
-Limits: fp16/bf16/fp32 inputs, even head dim up to 512, q and k may have different head counts.
+Limits: fp16/bf16/fp32 inputs of one dtype, even head dim up to 512, q and k may have different head
+counts. Inputs are validated by the public op (``nativevit.ops.apply_rope_2d``); the launcher only
+asserts the shapes that keep the kernel in bounds.
 Under the interpreter bf16 stores round by hand (``cast_rounded``: the interpreter truncates).
 The in-place variant (``rope2d_``) writes through the views (into the qkv buffer); it has no
-autograd (inference only). Reference: ``rope2d_ref`` (= ``nativevit.rope.rope_2d_ref``).
+autograd (inference only). Ops: ``nativevit::triton_rope2d``, ``nativevit::triton_rope2d_``.
+Reference: ``rope2d_ref`` (= ``nativevit.rope.rope_2d_ref``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nativevit.ops import triton_interpreted
+from nativevit.backends.registry import triton_interpreted
 from nativevit.rope import rope_2d_ref as rope2d_ref
 
 from .varlen_attention import cast_rounded
@@ -43,13 +46,13 @@ INTERPRETED = triton_interpreted()
 def _rotate_heads(
     x_ptr, out_ptr, c, s, rows, mask, offs_d, n_heads,
     stride_x_tok, stride_x_head, stride_out_tok, stride_out_head,
-    HALF: tl.constexpr, CONJUGATE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    HALF: tl.constexpr, INVERSE: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):  # fmt: skip
     for h in range(n_heads):
         x_base = x_ptr + rows[:, None] * stride_x_tok + h * stride_x_head + offs_d[None, :]
         x1 = tl.load(x_base, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_base + HALF, mask=mask, other=0.0).to(tl.float32)
-        if CONJUGATE:
+        if INVERSE:
             y1 = x1 * c + x2 * s
             y2 = x2 * c - x1 * s
         else:
@@ -67,7 +70,7 @@ def _rope2d_fwd_kernel(
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head,
     stride_qo_tok, stride_qo_head, stride_ko_tok, stride_ko_head,
     stride_cos_tok, stride_cos_d, stride_sin_tok, stride_sin_d,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, CONJUGATE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr,
     BF16_RTNE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
@@ -82,11 +85,11 @@ def _rope2d_fwd_kernel(
     )
     _rotate_heads(
         q_ptr, q_out_ptr, c, s, rows, mask, offs_d, n_heads_q,
-        stride_q_tok, stride_q_head, stride_qo_tok, stride_qo_head, HALF, CONJUGATE, BF16_RTNE,
+        stride_q_tok, stride_q_head, stride_qo_tok, stride_qo_head, HALF, INVERSE, BF16_RTNE,
     )  # fmt: skip
     _rotate_heads(
         k_ptr, k_out_ptr, c, s, rows, mask, offs_d, n_heads_k,
-        stride_k_tok, stride_k_head, stride_ko_tok, stride_ko_head, HALF, CONJUGATE, BF16_RTNE,
+        stride_k_tok, stride_k_head, stride_ko_tok, stride_ko_head, HALF, INVERSE, BF16_RTNE,
     )  # fmt: skip
 
 
@@ -94,38 +97,29 @@ def _rope2d_fwd_kernel(
 
 
 def rope2d_rejects(x: torch.Tensor) -> str | None:
-    """Why the kernel cannot take a tensor like ``x`` (dtype, head dim), or None."""
+    """Why the kernel cannot take q like ``x`` (dtype, head dim), or None. The public op has checked
+    the rest: 3-D, even head dim, shapes and devices of k, cos and sin."""
     if x.dtype not in SUPPORTED_DTYPES:
         return f"the triton rope kernel takes fp16/bf16/fp32, got {x.dtype}"
-    if x.dim() != 3 or x.shape[-1] % 2 or x.shape[-1] > MAX_HEAD_DIM:
-        return f"the triton rope kernel takes (total, heads, even head_dim <= {MAX_HEAD_DIM}), got {x.shape}"
+    if x.shape[-1] > MAX_HEAD_DIM:
+        return f"the triton rope kernel takes head_dim <= {MAX_HEAD_DIM}, got {x.shape[-1]}"
     return None
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        why = rope2d_rejects(x)
-        if why is not None:
-            raise (TypeError if x.dtype not in SUPPORTED_DTYPES else ValueError)(f"{name}: {why}")
+def _check_same_dtype(q: torch.Tensor, k: torch.Tensor) -> None:
+    # one dtype for q and k: what ``rejects`` (which sees q only) cannot say
     if q.dtype != k.dtype:
-        raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise TypeError(f"the triton rope kernel needs q and k of the same dtype, got {q.dtype}, {k.dtype}")
+
+
+def _check_bounds(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The shapes the kernel indexes with, so that a direct call never reads out of bounds."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in tokens or head_dim")
     expected = (q.shape[0], q.shape[-1] // 2)
-    for name, x in (("cos", cos), ("sin", sin)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {x.dtype}")
-        if tuple(x.shape) != expected:
-            raise ValueError(
-                f"{name} must have shape (total, head_dim//2) = {expected}, got {tuple(x.shape)}"
-            )
-    for name, x in (("k", k), ("cos", cos), ("sin", sin)):
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    for name, shape in (("cos", tuple(cos.shape)), ("sin", tuple(sin.shape))):
+        if shape != expected:
+            raise ValueError(f"{name} must have shape (total, head_dim//2) = {expected}, got {shape}")
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -139,13 +133,14 @@ def rope2d_fwd(
     cos: torch.Tensor,
     sin: torch.Tensor,
     *,
-    conjugate: bool = False,
+    inverse: bool = False,
     q_out: torch.Tensor | None = None,
     k_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel: rotate ``q`` and ``k`` (by ``-angle`` if ``conjugate``) into ``q_out``/``k_out``
-    (new contiguous tensors when None; pass ``q``/``k`` themselves to rotate in place)."""
-    _check(q, k, cos, sin)
+    """Launch the kernel: rotate ``q``, ``k`` ``(total, heads, head_dim)`` (by ``-angle`` if ``inverse``)
+    into ``q_out``/``k_out`` (new contiguous tensors when None; pass ``q``/``k`` themselves to rotate in
+    place). ``cos``, ``sin``: ``(total, head_dim // 2)`` float32."""
+    _check_bounds(q, k, cos, sin)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
@@ -160,7 +155,7 @@ def rope2d_fwd(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=block_t, CONJUGATE=conjugate,
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=block_t, INVERSE=inverse,
         BF16_RTNE=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
     return q_out, k_out
@@ -169,67 +164,80 @@ def rope2d_fwd(
 # ------------------------------------------------------------------------- registration
 
 
-@torch.library.custom_op("nativevit::rope2d", mutates_args=())
+@torch.library.custom_op("nativevit::triton_rope2d", mutates_args=())
 def _rope2d_op(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope2d_fwd(q, k, cos, sin, conjugate=conjugate)
+    return rope2d_fwd(q, k, cos, sin, inverse=inverse)
 
 
 @_rope2d_op.register_fake
-def _(q, k, cos, sin, conjugate):
+def _(q, k, cos, sin, inverse):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _rope2d_setup_context(ctx, inputs, output):
-    _, _, cos, sin, conjugate = inputs
+    _, _, cos, sin, inverse = inputs
     ctx.save_for_backward(cos, sin)
-    ctx.conjugate = conjugate
+    ctx.inverse = inverse
 
 
 def _rope2d_backward(ctx, grad_q, grad_k):
     cos, sin = ctx.saved_tensors
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        raise RuntimeError("nativevit::rope2d has no gradient for cos/sin (they are position tables)")
-    grad_q, grad_k = torch.ops.nativevit.rope2d(grad_q, grad_k, cos, sin, not ctx.conjugate)
+        raise RuntimeError("nativevit::triton_rope2d has no gradient for cos/sin (they are position tables)")
+    grad_q, grad_k = torch.ops.nativevit.triton_rope2d(grad_q, grad_k, cos, sin, not ctx.inverse)
     return grad_q, grad_k, None, None, None
 
 
-torch.library.register_autograd("nativevit::rope2d", _rope2d_backward, setup_context=_rope2d_setup_context)
+torch.library.register_autograd(
+    "nativevit::triton_rope2d", _rope2d_backward, setup_context=_rope2d_setup_context
+)
 
 
-@torch.library.custom_op("nativevit::rope2d_", mutates_args=("q", "k"))
+@torch.library.custom_op("nativevit::triton_rope2d_", mutates_args=("q", "k"))
 def _rope2d_inplace_op(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
 ) -> None:
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("in-place rope needs stride(-1) == 1 for q and k")
-    rope2d_fwd(q, k, cos, sin, conjugate=conjugate, q_out=q, k_out=k)
+    rope2d_fwd(q, k, cos, sin, inverse=inverse, q_out=q, k_out=k)
 
 
 @_rope2d_inplace_op.register_fake
-def _(q, k, cos, sin, conjugate):
+def _(q, k, cos, sin, inverse):
     return None
 
 
 def rope2d(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Out-of-place 2D RoPE of ``q``, ``k`` ``(total, heads, head_dim)``; differentiable in q and k.
-    Returns new contiguous ``(q_rot, k_rot)`` in the input dtype (the ``triton`` rope backend)."""
-    _check(q, k, cos, sin)
-    return torch.ops.nativevit.rope2d(q, k, cos, sin, False)
+    """The ``triton`` rope backend: out-of-place 2D RoPE, differentiable in q and k.
+
+    ``q``, ``k``: ``(total, heads_q, head_dim)`` and ``(total, heads_k, head_dim)``, one dtype (fp16,
+    bf16 or fp32), validated by the public op; ``cos``, ``sin``: ``(total, head_dim // 2)`` float32.
+    Returns new contiguous ``(q_rot, k_rot)`` of the same shapes and dtype.
+    """
+    _check_same_dtype(q, k)
+    return torch.ops.nativevit.triton_rope2d(q, k, cos, sin, False)
 
 
 def rope2d_(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place 2D RoPE: rotates ``q`` and ``k`` where they live (e.g. inside the fused qkv buffer).
-    Inference only: raises if autograd would need to see the rotation."""
-    _check(q, k, cos, sin)
+
+    Same shapes and dtypes as :func:`rope2d`; not behind a public op, so it checks its inputs here.
+    Inference only: raises if autograd would need to see the rotation. Returns ``(q, k)``.
+    """
+    for name, x in (("q", q), ("k", k)):
+        why = rope2d_rejects(x)
+        if why is not None:
+            raise (TypeError if x.dtype not in SUPPORTED_DTYPES else ValueError)(f"{name}: {why}")
+    _check_same_dtype(q, k)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise RuntimeError("rope2d_ is in-place and has no autograd; use rope2d (out of place) for training")
     if q.data_ptr() == k.data_ptr() and q.numel():
         raise ValueError("rope2d_ got q and k at the same address: in place, k would be rotated twice")
-    torch.ops.nativevit.rope2d_(q, k, cos, sin, False)
+    torch.ops.nativevit.triton_rope2d_(q, k, cos, sin, False)
     return q, k

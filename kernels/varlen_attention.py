@@ -41,20 +41,25 @@ bf16 rounding the GPU path applies (P and dS are still rounded to bf16 first); i
 fp32 -> bf16 casts, so under the interpreter ``cast_rounded`` rounds to nearest even by hand. fp32 inputs use
 ``input_precision="ieee"`` (no TF32), so fp32 means fp32.
 
-Reference: ``varlen_attention_ref`` (= ``nativevit.ops.varlen_attention_ref``, per-segment SDPA).
+Inputs are validated once by the public op (``nativevit.ops.varlen_attention``); the backend only
+declares what it refuses (``varlen_attention_rejects``) and the launchers assert just the layout that
+keeps the kernels in bounds. Ops: ``nativevit::triton_varlen_attention_fwd``,
+``nativevit::triton_varlen_attention_bwd``.
+
+Reference: ``varlen_attention_ref`` (= ``nativevit.backends.reference.varlen_attention_ref``,
+per-segment SDPA).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from nativevit.ops import triton_interpreted
-from nativevit.ops import varlen_attention_ref as varlen_attention_ref
+from nativevit.backends.reference import varlen_attention_ref as varlen_attention_ref
+from nativevit.backends.registry import triton_interpreted
 from nativevit.packing import Segments
 
 __all__ = [
@@ -395,17 +400,16 @@ def work_items(segments: Segments, block: int) -> torch.Tensor:
     Built from the host lengths once per (batch, block size) and kept in the Segments' per-batch
     cache, so the layers of one forward (and its backward) share one upload and never sync.
     """
-    device = segments.cu_seqlens.device
-    key = ("nativevit.kernels.varlen_attention.work", block, device)
-    cached = segments._pad_cache.get(key)
-    if cached is None:
+    device = segments.device
+
+    def build() -> torch.Tensor:
         # plain Python over host ints: cheap (one item per block) and traceable by torch.compile
         lengths = segments.lengths
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep batch order
         items = [(s, b) for s in order for b in range(-(-lengths[s] // block))]
-        cached = torch.tensor(items, dtype=torch.int32).view(-1, 2).to(device)
-        segments._pad_cache[key] = cached
-    return cached
+        return torch.tensor(items, dtype=torch.int32).view(-1, 2).to(device)
+
+    return segments.cached(("nativevit.kernels.varlen_attention.work", block, device), build)
 
 
 def varlen_attention_rejects(x: torch.Tensor) -> str | None:
@@ -428,7 +432,14 @@ def _common_meta(head_dim: int, dtype: torch.dtype) -> dict:
     )  # fmt: skip
 
 
-def _check_block(block: int, work: torch.Tensor, cfg: LaunchConfig) -> None:
+def _check_bounds(block: int, work: torch.Tensor, cfg: LaunchConfig, *rows: torch.Tensor) -> None:
+    """What keeps a direct call of the ops in bounds: one work-list layout, the ``(total, heads,
+    head_dim)`` tensors of one shape with unit last stride, int32 work items."""
+    if any(x.shape != rows[0].shape or x.dim() != 3 or x.stride(-1) != 1 for x in rows):
+        raise ValueError(
+            f"q, k, v (and out, dout) must be (total, heads, head_dim) of one shape with stride(-1) == 1, "
+            f"got {[(tuple(x.shape), x.stride()) for x in rows]}"
+        )
     if block != cfg.block:
         raise ValueError(f"work list was built for block {block} but this launch uses block {cfg.block}")
     if work.dtype != torch.int32 or work.dim() != 2 or work.shape[1] != 2:
@@ -440,7 +451,7 @@ def _launch_fwd(q, k, v, cu_seqlens, work, block, scale):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     cfg, _ = _config(head_dim, q.dtype, _arch(q.device))
-    _check_block(block, work, cfg)
+    _check_bounds(block, work, cfg, q, k, v)
     if work.shape[0] == 0 or heads == 0:
         return out, lse
     _varlen_attn_fwd_kernel[(work.shape[0], heads)](
@@ -462,7 +473,9 @@ def _launch_bwd(dout, q, k, v, out, lse, cu_seqlens, work, block, scale):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _, cfg = _config(head_dim, q.dtype, _arch(q.device))
-    _check_block(block, work, cfg)
+    _check_bounds(block, work, cfg, q, k, v, out, dout)
+    if lse.shape != (heads, total):
+        raise ValueError(f"lse must have shape (heads, total) = {(heads, total)}, got {tuple(lse.shape)}")
     if work.shape[0] == 0 or heads == 0:
         return dq, dk, dv
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
@@ -497,15 +510,17 @@ def _launch_bwd(dout, q, k, v, out, lse, cu_seqlens, work, block, scale):
 # ------------------------------------------------------------------------- registration
 
 
-@torch.library.custom_op("nativevit::varlen_attention_fwd", mutates_args=())
+@torch.library.custom_op("nativevit::triton_varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, work: torch.Tensor,
     block: int, bwd_work: torch.Tensor, bwd_block: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(out (total, heads, head_dim), lse (heads, total) fp32, natural log)``.
+    """``(out (total, heads, head_dim) contiguous in q's dtype, lse (heads, total) fp32, natural log)``.
 
-    ``work``/``block``: :func:`work_items` for the forward's block; ``bwd_work``/``bwd_block`` the
-    same for the backward's (kept for autograd, so the backward needs no host lengths)."""
+    ``q, k, v``: ``(total, heads, head_dim)``, one shape and dtype, ``stride(-1) == 1``;
+    ``cu_seqlens``: ``(S+1,)`` int32; ``work``/``block``: :func:`work_items` for the forward's block;
+    ``bwd_work``/``bwd_block`` the same for the backward's (kept for autograd, so the backward needs
+    no host lengths)."""
     return _launch_fwd(q, k, v, cu_seqlens, work, block, scale)
 
 
@@ -514,12 +529,14 @@ def _(q, k, v, cu_seqlens, work, block, bwd_work, bwd_block, scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("nativevit::varlen_attention_bwd", mutates_args=())
+@torch.library.custom_op("nativevit::triton_varlen_attention_bwd", mutates_args=())
 def varlen_attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, cu_seqlens: torch.Tensor, work: torch.Tensor, block: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dq, dk, dv)``, contiguous, in the dtype of q/k/v; deterministic (no atomics)."""
+    """``(dq, dk, dv)``, each ``(total, heads, head_dim)`` contiguous in q's dtype; deterministic (no
+    atomics). ``dout``, ``out``: ``(total, heads, head_dim)`` (``dout`` any strides); ``lse``:
+    ``(heads, total)`` fp32 from the forward; ``work``/``block``: the backward's work list."""
     return _launch_bwd(dout, q, k, v, out, lse, cu_seqlens, work, block, scale)
 
 
@@ -538,56 +555,30 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, work = ctx.saved_tensors
-    dq, dk, dv = torch.ops.nativevit.varlen_attention_bwd(
+    dq, dk, dv = torch.ops.nativevit.triton_varlen_attention_bwd(
         dout, q, k, v, out, lse, cu_seqlens, work, ctx.block, ctx.scale
     )
     return dq, dk, dv, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
-    "nativevit::varlen_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context
+    "nativevit::triton_varlen_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context
 )
 
 
 def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
 ) -> torch.Tensor:
-    """Block-diagonal attention with the Triton kernels (the ``triton`` attention backend).
+    """The ``triton`` attention backend: block-diagonal attention with the Triton kernels.
 
-    ``q, k, v``: ``(total, heads, head_dim)``, only ``stride(-1) == 1`` required (views of one fused
-    qkv buffer are fine); ``segments``: the batch's ``Segments``. Returns ``(total, heads, head_dim)``
-    contiguous, differentiable in q, k and v.
+    ``q, k, v``: ``(total, heads, head_dim)``, one dtype (fp16, bf16 or fp32), only ``stride(-1) == 1``
+    required (views of one fused qkv buffer are fine); ``segments``: the batch's packed ``Segments``
+    covering ``total`` tokens; ``scale``: the softmax scale. All validated by the public op. Returns
+    ``(total, heads, head_dim)`` contiguous in q's dtype, differentiable in q, k and v.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(x.shape)}")
-        why = varlen_attention_rejects(x)
-        if why is not None:
-            raise (TypeError if x.dtype not in SUPPORTED_DTYPES else ValueError)(f"{name}: {why}")
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must have stride 1 in its last dimension, got {x.stride()}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not isinstance(segments, Segments):
-        raise TypeError(f"segments must be a nativevit Segments, got {type(segments).__name__}")
-    if segments.padded:
-        raise ValueError("the triton attention kernel takes packed segments, not the padded layout")
-    if segments.total != q.shape[0]:
-        raise ValueError(f"segments cover {segments.total} tokens but q has {q.shape[0]}")
-    if segments.cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {segments.cu_seqlens.device} but q is on {q.device}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
     fwd, bwd = _config(q.shape[-1], q.dtype, _arch(q.device))
     work, bwd_work = work_items(segments, fwd.block), work_items(segments, bwd.block)
-    out, _ = torch.ops.nativevit.varlen_attention_fwd(
+    out, _ = torch.ops.nativevit.triton_varlen_attention_fwd(
         q, k, v, segments.cu_seqlens, work, fwd.block, bwd_work, bwd.block, scale
     )
     return out

@@ -1,7 +1,7 @@
-// Plain launch functions of the CUDA kernels in this folder.
+// Plain launch functions of the CUDA kernels in this folder, each taking a params struct.
 //
 // Only C types cross this boundary, so the .cu files include CUDA headers alone (fast nvcc builds)
-// and csrc/ops.cpp, which owns the torch side (checks, allocation, stream, device guard), never
+// and cuda/ops.cpp, which owns the torch side (checks, allocation, stream, device guard), never
 // needs nvcc. Every function launches on `stream` and returns the cudaError_t of the launch as int.
 #pragma once
 
@@ -12,22 +12,45 @@ namespace nativevit {
 // Element type of the tensors handed to a launcher.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// One (total, heads, head_dim) input with strides (stride_tok, stride_head, 1).
+struct TokenHeadRows {
+  const void* data;
+  int64_t stride_tok;
+  int64_t stride_head;
+};
+
 // y = rotate(x) for q and k in one launch; `inverse` rotates by -angle (the backward).
-// x: (total, heads, head_dim) with strides (stride_tok, stride_head, 1); y: contiguous;
-// cos, sin: contiguous (total, head_dim/2) float32.
-int rope2d_cuda_launch(DType dtype, const void* q, int64_t stride_q_tok, int64_t stride_q_head, int64_t q_heads,
-                       const void* k, int64_t stride_k_tok, int64_t stride_k_head, int64_t k_heads,
-                       void* q_out, void* k_out, const float* cos, const float* sin, int64_t total,
-                       int64_t head_dim, bool inverse, void* stream);
+struct Rope2dParams {
+  DType dtype;
+  TokenHeadRows q, k;
+  int64_t q_heads, k_heads;
+  void* q_out;         // contiguous (total, q_heads, head_dim)
+  void* k_out;         // contiguous (total, k_heads, head_dim)
+  const float* cos;    // contiguous (total, head_dim/2)
+  const float* sin;    // contiguous (total, head_dim/2)
+  int64_t total;
+  int64_t head_dim;
+  bool inverse;
+};
+
+int rope2d_launch(const Rope2dParams& p, void* stream);
 
 // out = softmax(q k^T * scale) v per segment and head, segments from cu_seqlens (device int32, S+1).
-// q, k, v: (total, heads, head_dim) with strides (stride_tok, stride_head, 1); out: contiguous.
-// head_dim <= 256.
-int varlen_attention_fwd_cuda_launch(DType dtype, const void* q, int64_t stride_q_tok, int64_t stride_q_head,
-                                     const void* k, int64_t stride_k_tok, int64_t stride_k_head,
-                                     const void* v, int64_t stride_v_tok, int64_t stride_v_head, void* out,
-                                     const int32_t* cu_seqlens, int64_t num_segments, int64_t total,
-                                     int64_t heads, int64_t head_dim, int64_t max_seqlen, float scale,
-                                     void* stream);
+struct VarlenAttentionParams {
+  DType dtype;
+  TokenHeadRows q, k, v;  // one shape (total, heads, head_dim)
+  void* out;              // contiguous (total, heads, head_dim)
+  const int32_t* cu_seqlens;
+  int64_t num_segments;
+  int64_t total;
+  int64_t heads;
+  int64_t head_dim;
+  int64_t max_seqlen;     // sizes the grid; rows beyond it are still covered (grid-stride loop)
+  float scale;
+};
+
+// Takes 1 <= heads <= 65535 (a grid dimension) and 1 <= head_dim <= 256 (per-thread arrays);
+// returns cudaErrorInvalidValue, launching nothing, otherwise.
+int varlen_attention_fwd_launch(const VarlenAttentionParams& p, void* stream);
 
 }  // namespace nativevit

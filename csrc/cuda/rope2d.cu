@@ -37,21 +37,18 @@ __global__ void rope2d_kernel(const T* __restrict__ q, int64_t stride_q_tok, int
 
 }  // namespace
 
-int rope2d_cuda_launch(DType dtype, const void* q, int64_t stride_q_tok, int64_t stride_q_head, int64_t q_heads,
-                       const void* k, int64_t stride_k_tok, int64_t stride_k_head, int64_t k_heads,
-                       void* q_out, void* k_out, const float* cos, const float* sin, int64_t total,
-                       int64_t head_dim, bool inverse, void* stream) {
-  const int64_t half = head_dim / 2;
-  const int64_t work = total * (q_heads + k_heads) * half;
+int rope2d_launch(const Rope2dParams& p, void* stream) {
+  const int64_t half = p.head_dim / 2;
+  const int64_t work = p.total * (p.q_heads + p.k_heads) * half;
   if (work == 0) return static_cast<int>(cudaSuccess);
   constexpr int kThreads = 256;
   const unsigned int blocks = grid_size(work, kThreads, 65535);
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     rope2d_kernel<T><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(q), stride_q_tok, stride_q_head, q_heads, static_cast<const T*>(k), stride_k_tok,
-        stride_k_head, k_heads, static_cast<T*>(q_out), static_cast<T*>(k_out), cos, sin, total, half,
-        inverse ? -1.0f : 1.0f);
+        static_cast<const T*>(p.q.data), p.q.stride_tok, p.q.stride_head, p.q_heads, static_cast<const T*>(p.k.data),
+        p.k.stride_tok, p.k.stride_head, p.k_heads, static_cast<T*>(p.q_out), static_cast<T*>(p.k_out), p.cos,
+        p.sin, p.total, half, p.inverse ? -1.0f : 1.0f);
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -89,39 +89,30 @@ __global__ void varlen_attention_fwd_kernel(const T* __restrict__ q, int64_t str
 }
 
 template <typename T, int HEAD_DIM_MAX>
-int launch(const void* q, int64_t sq_tok, int64_t sq_head, const void* k, int64_t sk_tok, int64_t sk_head,
-           const void* v, int64_t sv_tok, int64_t sv_head, void* out, const int32_t* cu_seqlens,
-           int64_t num_segments, int64_t total, int64_t heads, int64_t head_dim, int64_t max_seqlen, float scale,
-           cudaStream_t stream) {
-  const dim3 grid(grid_size(max_seqlen, kThreads, 65535), static_cast<unsigned int>(num_segments < 65535 ? num_segments : 65535),
-                  static_cast<unsigned int>(heads));
+int launch(const VarlenAttentionParams& p, cudaStream_t stream) {
+  const dim3 grid(grid_size(p.max_seqlen, kThreads, 65535),
+                  static_cast<unsigned int>(p.num_segments < 65535 ? p.num_segments : 65535),
+                  static_cast<unsigned int>(p.heads));
   varlen_attention_fwd_kernel<T, HEAD_DIM_MAX><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(q), sq_tok, sq_head, static_cast<const T*>(k), sk_tok, sk_head, static_cast<const T*>(v),
-      sv_tok, sv_head, static_cast<T*>(out), cu_seqlens, num_segments, total, heads, head_dim, scale);
+      static_cast<const T*>(p.q.data), p.q.stride_tok, p.q.stride_head, static_cast<const T*>(p.k.data),
+      p.k.stride_tok, p.k.stride_head, static_cast<const T*>(p.v.data), p.v.stride_tok, p.v.stride_head,
+      static_cast<T*>(p.out), p.cu_seqlens, p.num_segments, p.total, p.heads, p.head_dim, p.scale);
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
 
-int varlen_attention_fwd_cuda_launch(DType dtype, const void* q, int64_t stride_q_tok, int64_t stride_q_head,
-                                     const void* k, int64_t stride_k_tok, int64_t stride_k_head,
-                                     const void* v, int64_t stride_v_tok, int64_t stride_v_head, void* out,
-                                     const int32_t* cu_seqlens, int64_t num_segments, int64_t total,
-                                     int64_t heads, int64_t head_dim, int64_t max_seqlen, float scale,
-                                     void* stream) {
-  if (total == 0 || num_segments == 0) return static_cast<int>(cudaSuccess);
-  if (head_dim < 1 || head_dim > 256 || heads < 1 || heads > 65535) return static_cast<int>(cudaErrorInvalidValue);
+int varlen_attention_fwd_launch(const VarlenAttentionParams& p, void* stream) {
+  if (p.total == 0 || p.num_segments == 0) return static_cast<int>(cudaSuccess);
+  if (p.head_dim < 1 || p.head_dim > 256 || p.heads < 1 || p.heads > 65535) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   const auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (head_dim <= 64)
-      return launch<T, 64>(q, stride_q_tok, stride_q_head, k, stride_k_tok, stride_k_head, v, stride_v_tok,
-                           stride_v_head, out, cu_seqlens, num_segments, total, heads, head_dim, max_seqlen, scale, s);
-    if (head_dim <= 128)
-      return launch<T, 128>(q, stride_q_tok, stride_q_head, k, stride_k_tok, stride_k_head, v, stride_v_tok,
-                            stride_v_head, out, cu_seqlens, num_segments, total, heads, head_dim, max_seqlen, scale, s);
-    return launch<T, 256>(q, stride_q_tok, stride_q_head, k, stride_k_tok, stride_k_head, v, stride_v_tok,
-                          stride_v_head, out, cu_seqlens, num_segments, total, heads, head_dim, max_seqlen, scale, s);
+    if (p.head_dim <= 64) return launch<T, 64>(p, s);
+    if (p.head_dim <= 128) return launch<T, 128>(p, s);
+    return launch<T, 256>(p, s);
   });
 }
 

@@ -1,16 +1,19 @@
 """The ``cpu`` and ``cuda`` backends: C++ and CUDA kernels of ``nativevit._C`` (built from ``csrc/``).
 
-``csrc/ops.cpp`` declares the ops with ``TORCH_LIBRARY(nativevit_C, ...)`` and holds the CPU kernels;
-``csrc/cuda/*.cu`` the CUDA ones. This module adds what torch needs around them -- fake (meta)
+``csrc/ops.cpp`` declares the ops in the ``nativevit`` namespace (shared with the Triton custom ops,
+which are prefixed ``triton_``) and registers the CPU kernels of ``csrc/cpu/``; ``csrc/cuda/``
+registers the CUDA ones. This module adds what torch needs around them -- fake (meta)
 implementations for ``torch.compile`` and ``opcheck``, and autograd:
 
-* ``nativevit_C::rope2d``: the backward is the inverse rotation, the same kernel with ``inverse=True``.
-* ``nativevit_C::varlen_attention``: the backward is ``nativevit_C::varlen_attention_bwd``, a
+* ``nativevit::cpp_rope2d``: the backward is the inverse rotation, the same kernel with ``inverse=True``.
+* ``nativevit::cpp_varlen_attention``: the backward is ``nativevit::cpp_varlen_attention_bwd``, a
   recompute per segment from q, k, v: on CPU torch's fused flash-attention forward + backward, on
   CUDA ATen matmuls in fp32 (exact, not fused; query-chunked so the score tile stays bounded). It
   reads ``cu_seqlens`` on the host once.
 
-Both backends register with ``nativevit.ops`` whether or not ``_C`` was built; when it was not, their
+The C++ ops check only what keeps them in bounds; inputs are validated by the public ops.
+
+Both backends register with the registry whether or not ``_C`` was built; when it was not, their
 ``unavailable`` says so and ``auto`` quietly uses the other backends. Importing this module never fails.
 """
 
@@ -18,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from .packing import Segments
+from ..packing import Segments
+from .registry import Backend, register_backend
 
 try:
-    from . import _C  # noqa: F401  (loading the library runs the TORCH_LIBRARY registrations)
+    from .. import _C  # noqa: F401  (loading the library runs the TORCH_LIBRARY registrations)
 
     _LOAD_ERROR: str | None = None
 except ImportError as e:  # not built (pure-Python install), or built against another torch
@@ -40,6 +43,7 @@ ROPE_DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 CUDA_MAX_HEAD_DIM = 256
+CUDA_MAX_HEADS = 65535  # a grid dimension of the CUDA attention kernel
 
 
 def is_built() -> bool:
@@ -50,7 +54,7 @@ def is_built() -> bool:
 def has_cuda_kernels() -> bool:
     """Whether ``nativevit._C`` was built with its CUDA kernels (visible without a GPU)."""
     return is_built() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "nativevit_C::varlen_attention", "CUDA"
+        "nativevit::cpp_varlen_attention", "CUDA"
     )
 
 
@@ -58,14 +62,14 @@ def cpu_isa() -> str:
     """The CPU attention microkernels in use: "avx512_bf16", "avx512" or "generic"."""
     if not is_built():
         raise RuntimeError(_LOAD_ERROR)
-    return torch.ops.nativevit_C.cpu_isa()
+    return torch.ops.nativevit.cpu_isa()
 
 
 # ------------------------------------------------------------------ fake and autograd registrations
 
 if is_built():
 
-    @torch.library.register_fake("nativevit_C::rope2d")
+    @torch.library.register_fake("nativevit::cpp_rope2d")
     def _rope2d_fake(q, k, cos, sin, inverse=False):
         return q.new_empty(q.shape), k.new_empty(k.shape)
 
@@ -82,18 +86,18 @@ if is_built():
             g.contiguous() if g is not None else torch.zeros(shape, dtype=dtype, device=cos.device)
             for g, (shape, dtype) in zip((grad_q, grad_k), ctx.shapes, strict=True)
         )
-        dq, dk = torch.ops.nativevit_C.rope2d(grad_q, grad_k, cos, sin, not ctx.inverse)
+        dq, dk = torch.ops.nativevit.cpp_rope2d(grad_q, grad_k, cos, sin, not ctx.inverse)
         return dq, dk, None, None, None
 
     torch.library.register_autograd(
-        "nativevit_C::rope2d", _rope2d_backward, setup_context=_rope2d_setup_context
+        "nativevit::cpp_rope2d", _rope2d_backward, setup_context=_rope2d_setup_context
     )
 
-    @torch.library.register_fake("nativevit_C::varlen_attention")
+    @torch.library.register_fake("nativevit::cpp_varlen_attention")
     def _varlen_attention_fake(q, k, v, cu_seqlens, max_seqlen, scale):
         return q.new_empty(q.shape)
 
-    @torch.library.register_fake("nativevit_C::varlen_attention_bwd")
+    @torch.library.register_fake("nativevit::cpp_varlen_attention_bwd")
     def _varlen_attention_bwd_fake(grad_out, q, k, v, cu_seqlens, max_seqlen, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -104,13 +108,13 @@ if is_built():
 
     def _varlen_attention_backward(ctx, grad_out):
         q, k, v, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = torch.ops.nativevit_C.varlen_attention_bwd(
+        dq, dk, dv = torch.ops.nativevit.cpp_varlen_attention_bwd(
             grad_out.contiguous(), q, k, v, cu_seqlens, ctx.max_seqlen, ctx.scale
         )
         return dq, dk, dv, None, None, None
 
     torch.library.register_autograd(
-        "nativevit_C::varlen_attention",
+        "nativevit::cpp_varlen_attention",
         _varlen_attention_backward,
         setup_context=_varlen_attention_setup_context,
     )
@@ -134,12 +138,14 @@ def _unavailable_on(device: str):
     return unavailable
 
 
-def _rejects(dtypes, max_head_dim=None):
+def _rejects(dtypes, max_head_dim=None, max_heads=None):
     def rejects(x: torch.Tensor) -> str | None:
         if x.dtype not in dtypes:
             return f"takes {', '.join(str(d).removeprefix('torch.') for d in dtypes)}; got {x.dtype}"
         if max_head_dim is not None and x.shape[-1] > max_head_dim:
             return f"head_dim must be <= {max_head_dim}, got {x.shape[-1]}"
+        if max_heads is not None and x.shape[1] > max_heads:
+            return f"at most {max_heads} heads, got {x.shape[1]}"
         return None
 
     return rejects
@@ -148,27 +154,37 @@ def _rejects(dtypes, max_head_dim=None):
 def csrc_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
 ) -> torch.Tensor:
-    """Backend fn of ``cpu``/``cuda`` attention: ``(total, heads, head_dim)`` -> same shape, q's dtype."""
-    return torch.ops.nativevit_C.varlen_attention(q, k, v, segments.cu_seqlens, segments.max_seqlen, scale)
+    """Backend fn of ``cpu``/``cuda`` attention.
+
+    ``q, k, v``: ``(total, heads, head_dim)`` of one dtype with ``stride(-1) == 1``; ``segments``: the
+    batch's packed ``Segments``. Returns ``(total, heads, head_dim)`` contiguous in q's dtype.
+    """
+    return torch.ops.nativevit.cpp_varlen_attention(q, k, v, segments.cu_seqlens, segments.max_seqlen, scale)
 
 
 def csrc_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backend fn of ``cpu``/``cuda`` rope: one pass over q and k, fp32 math, contiguous outputs."""
-    if k.dtype != q.dtype:
+    """Backend fn of ``cpu``/``cuda`` rope: one pass over q and k, fp32 math, contiguous outputs.
+
+    ``q``, ``k``: ``(total, heads_q, head_dim)``, ``(total, heads_k, head_dim)`` of one dtype;
+    ``cos``, ``sin``: ``(total, head_dim // 2)`` float32. Returns ``(q_rot, k_rot)``, same shapes and dtype.
+    """
+    if k.dtype != q.dtype:  # what ``rejects`` (which sees q only) cannot say
         raise TypeError(f"the csrc rope kernels need q and k of one dtype, got {q.dtype} and {k.dtype}")
-    return torch.ops.nativevit_C.rope2d(q, k, cos, sin, False)
+    # the public op allows any last-dim stride; the kernels read rows with unit stride
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+    return torch.ops.nativevit.cpp_rope2d(q, k, cos, sin, False)
 
 
 for _device in ("cpu", "cuda"):
-    _max_hd = CUDA_MAX_HEAD_DIM if _device == "cuda" else None
-    ops.register_backend(
+    _limits = (CUDA_MAX_HEAD_DIM, CUDA_MAX_HEADS) if _device == "cuda" else ()
+    register_backend(
         "attention",
-        ops.Backend(
-            _device, csrc_attention, _unavailable_on(_device), _rejects(ATTENTION_DTYPES[_device], _max_hd)
+        Backend(
+            _device, csrc_attention, _unavailable_on(_device), _rejects(ATTENTION_DTYPES[_device], *_limits)
         ),
     )
-    ops.register_backend(
-        "rope", ops.Backend(_device, csrc_rope, _unavailable_on(_device), _rejects(ROPE_DTYPES[_device]))
+    register_backend(
+        "rope", Backend(_device, csrc_rope, _unavailable_on(_device), _rejects(ROPE_DTYPES[_device]))
     )

@@ -72,7 +72,7 @@ build(va._varlen_attn_bwd_dkdv_kernel, dict(meta, BLOCK_M=bwd.inner, BLOCK_N=bwd
 build(va._varlen_attn_bwd_dq_kernel, dict(meta, BLOCK_M=bwd.block, BLOCK_N=bwd.inner), **bwd_launch)
 block_d, half = triton.next_power_of_2(head_dim), head_dim // 2
 build(va._varlen_attn_bwd_delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=16))
-rope_meta = dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=8, CONJUGATE=True)
+rope_meta = dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=8, INVERSE=True)
 rope_meta["BF16_RTNE"] = False
 build(rp._rope2d_fwd_kernel, rope_meta)
 """

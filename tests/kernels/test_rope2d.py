@@ -1,7 +1,10 @@
-"""Triton fused 2D RoPE against ``rope2d_ref`` (= ``nativevit.rope.rope_2d_ref``)."""
+"""Triton fused 2D RoPE against ``rope2d_ref`` (= ``nativevit.rope.rope_2d_ref``).
+
+Head dims and the exact rotation are the shared ones of tests/kernel_cases.py."""
 
 from __future__ import annotations
 
+import kernel_cases as kc
 import pytest
 import torch
 from flash_rule import check_rule
@@ -15,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HEAD_DIMS = (64, 72, 80, 96, 128)
+HEAD_DIMS = (*kc.HEAD_DIMS, 96)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GRID = [(1, 4, 6), (2, 2, 2), (1, 6, 2)]  # 24 + 2*4 + 12 = 44 tokens, a video with two frames
 
@@ -26,15 +29,10 @@ def tables(head_dim, grid=GRID):
 
 
 def fused_qkv(total, heads, head_dim, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(total, 3, heads, head_dim, generator=g).to(device=DEVICE, dtype=dtype)
+    return kc.fused_qkv(total, heads, head_dim, dtype, seed=seed, device=DEVICE)
 
 
-def rotate_exact(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotation in float64 from the definition (the exact value the fp32 kernel approximates)."""
-    x1, x2 = x.double().chunk(2, dim=-1)
-    c, s = cos[:, None, :].double(), sin[:, None, :].double()
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+rotate_exact = kc.rotate_exact  # the exact value the fp32 kernel approximates
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -83,7 +81,7 @@ def test_inverse_rotation_restores_input():
     cos, sin = tables(96)
     q, k, _ = fused_qkv(cos.shape[0], 2, 96, torch.float32).unbind(1)
     qr, kr = rp.rope2d_fwd(q, k, cos, sin)
-    q2, k2 = rp.rope2d_fwd(qr, kr, cos, sin, conjugate=True)
+    q2, k2 = rp.rope2d_fwd(qr, kr, cos, sin, inverse=True)
     torch.testing.assert_close(q2, q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k2, k, rtol=1e-5, atol=1e-5)
 
@@ -115,10 +113,12 @@ def test_public_op_and_opcheck():
     out = nv.ops.apply_rope_2d(q, k, cos, sin, backend="triton")
     ref = nv.ops.apply_rope_2d(q, k, cos, sin, backend="torch")
     torch.testing.assert_close(out, ref, rtol=0, atol=0 if DEVICE == "cpu" else 1e-6)
-    torch.library.opcheck(torch.ops.nativevit.rope2d.default, (q.requires_grad_(), k, cos, sin, False))
-    torch.library.opcheck(torch.ops.nativevit.rope2d.default, (q.detach(), k.detach(), cos, sin, True))
+    torch.library.opcheck(torch.ops.nativevit.triton_rope2d.default, (q.requires_grad_(), k, cos, sin, False))
+    torch.library.opcheck(torch.ops.nativevit.triton_rope2d.default, (q.detach(), k.detach(), cos, sin, True))
     qkv2 = qkv.detach().clone()
-    torch.library.opcheck(torch.ops.nativevit.rope2d_.default, (qkv2[:, 0], qkv2[:, 1], cos, sin, False))
+    torch.library.opcheck(
+        torch.ops.nativevit.triton_rope2d_.default, (qkv2[:, 0], qkv2[:, 1], cos, sin, False)
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -136,26 +136,38 @@ def test_torch_compile_fullgraph():
 
 
 def test_rejects_bad_input():
+    """The public op validates once and names the problem; the backend declares what it refuses."""
     cos, sin = tables(64, [(1, 2, 2)])
     q = torch.randn(4, 2, 64, device=DEVICE)
+
+    def rope(q, k, cos=cos, sin=sin):
+        return nv.ops.apply_rope_2d(q, k, cos, sin, backend="triton")
+
     with pytest.raises(TypeError, match="cos must be float32"):
-        rp.rope2d(q, q, cos.double(), sin)
+        rope(q, q, cos.double())
     with pytest.raises(ValueError, match="sin must have shape"):
-        rp.rope2d(q, q, cos, sin[:3])
+        rope(q, q, sin=sin[:3])
     with pytest.raises(ValueError, match="even head_dim"):
         odd = torch.randn(4, 2, 63, device=DEVICE)
-        rp.rope2d(odd, odd, cos, sin)
-    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
-        rp.rope2d(q.double(), q.double(), cos, sin)
+        rope(odd, odd)
+    with pytest.raises(RuntimeError, match="cannot run.*fp16/bf16/fp32"):
+        rope(q.double(), q.double())
     with pytest.raises(TypeError, match="same dtype"):
-        rp.rope2d(q, q.half(), cos, sin)
+        rope(q, q.half())
     with pytest.raises(ValueError, match="differ in tokens"):
-        rp.rope2d(q, q[:3], cos, sin)
+        rope(q, q[:3])
     with pytest.raises(ValueError, match="same address"):
         rp.rope2d_(q, q, cos, sin)
     with pytest.raises(RuntimeError, match="no gradient for cos"):
         c = cos.clone().requires_grad_()
         rp.rope2d(q.requires_grad_(), q, c, sin)[0].sum().backward()
+    # called directly, the ops assert the shapes that keep the kernel in bounds
+    with pytest.raises(ValueError, match="sin must have shape"):
+        torch.ops.nativevit.triton_rope2d(q, q, cos, sin[:3], False)
+    with pytest.raises(ValueError, match="differ in tokens"):
+        torch.ops.nativevit.triton_rope2d_(q, q[:3].clone(), cos, sin, False)
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        rp.rope2d_(q.double(), q.double().clone(), cos, sin)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,7 +1,8 @@
 """Triton varlen flash attention against ``varlen_attention_ref`` (FlashAttention's error rule).
 
 On a machine without a GPU these run through the Triton interpreter (``TRITON_INTERPRET=1`` is set by
-tests/conftest.py), so shapes are small; the CUDA tests at the bottom use realistic ones.
+tests/conftest.py), so shapes are small; the CUDA tests at the bottom use realistic ones. Segment
+layouts and head dims are the shared ones of tests/kernel_cases.py (the C++ kernels run them too).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import kernel_cases as kc
 import pytest
 import torch
 from flash_rule import check_rule
@@ -22,22 +24,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HEAD_DIMS = (64, 72, 80, 96, 128)
+# 96 = 64 + 32: the one head-dim split with a 32-wide tail
+HEAD_DIMS = (*kc.HEAD_DIMS, 96)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# zero- and one-token segments, lengths that are not multiples of any block, several blocks
-AWKWARD = (37, 0, 1, 16, 45)
 
 
 def segments_of(lengths, device=DEVICE) -> nv.Segments:
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    return nv.Segments.from_cu_seqlens(cu, sum(lengths))
+    return kc.segments_of(lengths, device)
 
 
 def fused_qkv(total, heads, head_dim, dtype, seed=0):
     """q, k, v as strided views of one (total, 3, heads, head_dim) buffer, as the encoder makes them."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(total, 3, heads, head_dim, generator=g).to(device=DEVICE, dtype=dtype)
-    return qkv.requires_grad_()
+    return kc.fused_qkv(total, heads, head_dim, dtype, seed=seed, device=DEVICE).requires_grad_()
 
 
 def run(fn, qkv, segments, dout, scale):
@@ -71,22 +69,13 @@ def check_against_reference(lengths, heads, head_dim, dtype, *, seed=0, scale=No
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_matches_reference(head_dim, dtype):
-    check_against_reference(AWKWARD, 2, head_dim, dtype)
+    check_against_reference(kc.LAYOUTS["awkward"], 2, head_dim, dtype)
 
 
-@pytest.mark.parametrize(
-    "lengths",
-    [
-        pytest.param([3, 0, 1, 2, 5, 1, 0, 4] * 15, id="120-segments"),
-        pytest.param([97] + [1, 2, 3, 0] * 15, id="skew-one-long-many-tiny"),
-        pytest.param([1] * 24, id="all-one-token"),
-        pytest.param([0, 0, 33, 0], id="empty-around-one"),
-        pytest.param([64], id="one-exact-multiple"),
-    ],
-)
-def test_segment_layouts(lengths):
+@pytest.mark.parametrize("layout", list(kc.LAYOUTS))
+def test_segment_layouts(layout):
     # one head: the interpreter pays per program, and the head offsets are covered above
-    check_against_reference(lengths, 1, 80, torch.float16, seed=3)
+    check_against_reference(kc.LAYOUTS[layout], 1, 80, torch.float16, seed=3)
 
 
 def test_softmax_scale_and_one_head():
@@ -98,7 +87,7 @@ def test_expanded_grad_from_sum():
     segments = segments_of([21, 1, 12])
     qkv = fused_qkv(34, 2, 80, torch.float32)
     q, k, v = qkv.unbind(1)
-    va.varlen_attention(q, k, v, segments).sum().backward()
+    va.varlen_attention(q, k, v, segments, 80**-0.5).sum().backward()
     grad = qkv.grad.clone()
     qkv.grad = None
     va.varlen_attention_ref(q, k, v, segments, 80**-0.5).sum().backward()
@@ -170,13 +159,13 @@ def test_opcheck_forward_and_backward():
     qkv = fused_qkv(30, 1, 16, torch.float32)
     q, k, v = qkv.unbind(1)
     args = fwd_args(q, k, v, segments, 0.25)
-    torch.library.opcheck(torch.ops.nativevit.varlen_attention_fwd.default, args)
+    torch.library.opcheck(torch.ops.nativevit.triton_varlen_attention_fwd.default, args)
     with torch.no_grad():
-        out, lse = torch.ops.nativevit.varlen_attention_fwd(*args)
+        out, lse = torch.ops.nativevit.triton_varlen_attention_fwd(*args)
         qd, kd, vd = (x.detach() for x in (q, k, v))
     bwd_work, bwd_block = args[6], args[7]
     bwd_args = (torch.randn_like(out), qd, kd, vd, out, lse, segments.cu_seqlens, bwd_work, bwd_block, 0.25)
-    torch.library.opcheck(torch.ops.nativevit.varlen_attention_bwd.default, bwd_args)
+    torch.library.opcheck(torch.ops.nativevit.triton_varlen_attention_bwd.default, bwd_args)
 
 
 def test_work_list_of_another_block_size_is_refused():
@@ -185,13 +174,25 @@ def test_work_list_of_another_block_size_is_refused():
     args = list(fwd_args(q, k, v, segments, 0.25))
     args[5] *= 2
     with pytest.raises(ValueError, match="work list was built for block"):
-        torch.ops.nativevit.varlen_attention_fwd(*args)
+        torch.ops.nativevit.triton_varlen_attention_fwd(*args)
+
+
+def test_raw_ops_refuse_layouts_that_leave_bounds():
+    """Called directly (no public op in front), the ops still never index out of bounds."""
+    segments = segments_of([9, 20])
+    q, k, v = fused_qkv(29, 1, 16, torch.float32).detach().unbind(1)
+    args = list(fwd_args(q, k, v, segments, 0.25))
+    with pytest.raises(ValueError, match="one shape"):
+        torch.ops.nativevit.triton_varlen_attention_fwd(q, k[:20], *args[2:])
+    with pytest.raises(ValueError, match="stride"):
+        wide = torch.randn(29, 1, 32, device=DEVICE)[..., ::2]
+        torch.ops.nativevit.triton_varlen_attention_fwd(wide, wide, wide, *args[3:])
 
 
 def test_lse_is_the_log_sum_exp():
     segments = segments_of([13, 0, 6])
     q, k, v = fused_qkv(19, 2, 16, torch.float32).detach().unbind(1)
-    _, lse = torch.ops.nativevit.varlen_attention_fwd(*fwd_args(q, k, v, segments, 0.5))
+    _, lse = torch.ops.nativevit.triton_varlen_attention_fwd(*fwd_args(q, k, v, segments, 0.5))
     expected = []
     for a, b in ((0, 13), (13, 19)):
         scores = torch.einsum("qhd,khd->hqk", q[a:b].double(), k[a:b].double()) * 0.5
@@ -204,7 +205,7 @@ def test_torch_compile_fullgraph():
     qkv = fused_qkv(31, 2, 80, torch.float32)
     q, k, v = qkv.unbind(1)
     compiled = torch.compile(
-        lambda q, k, v: va.varlen_attention(q, k, v, segments), fullgraph=True, backend="aot_eager"
+        lambda q, k, v: va.varlen_attention(q, k, v, segments, 80**-0.5), fullgraph=True, backend="aot_eager"
     )
     out = compiled(q, k, v)
     out.square().sum().backward()
@@ -219,24 +220,27 @@ def test_torch_compile_fullgraph():
 
 
 def test_rejects_bad_input():
+    """The public op validates once and names the problem; the backend declares what it refuses."""
     segments = segments_of([4, 4])
     q = torch.randn(8, 2, 64, device=DEVICE)
-    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
-        va.varlen_attention(q.double(), q.double(), q.double(), segments)
-    with pytest.raises(ValueError, match="head_dim a multiple of 8"):
+
+    def attend(q, k, v, cu=segments):
+        return nv.ops.varlen_attention(q, k, v, cu, backend="triton")
+
+    with pytest.raises(RuntimeError, match="cannot run.*fp16/bf16/fp32"):
+        attend(q.double(), q.double(), q.double())
+    with pytest.raises(RuntimeError, match="head_dim a multiple of 8"):
         odd = torch.randn(8, 2, 12, device=DEVICE)
-        va.varlen_attention(odd, odd, odd, segments)
+        attend(odd, odd, odd)
     with pytest.raises(ValueError, match="stride 1"):
         t = torch.randn(8, 2, 128, device=DEVICE)[..., ::2]
-        va.varlen_attention(t, t, t, segments)
-    with pytest.raises(ValueError, match="segments cover 8 tokens"):
-        va.varlen_attention(q[:7], q[:7], q[:7], segments)
-    with pytest.raises(ValueError, match="same shape|one shape"):
-        va.varlen_attention(q, q, q[:, :1], segments)
-    with pytest.raises(TypeError, match="Segments"):
-        va.varlen_attention(q, q, q, segments.cu_seqlens)
-    with pytest.raises(RuntimeError, match="cannot run"):
-        nv.ops.varlen_attention(q.double(), q.double(), q.double(), segments, backend="triton")
+        attend(t, t, t)
+    with pytest.raises(ValueError, match="segments describe 8 rows but q has 7"):
+        attend(q[:7], q[:7], q[:7])
+    with pytest.raises(ValueError, match="same shape"):
+        attend(q, q, q[:, :1])
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
+        attend(q, q, q, [0, 4, 8])
 
 
 def test_auto_never_picks_the_interpreter_on_cpu():
@@ -256,14 +260,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_cuda_realistic_lengths(head_dim, dtype):
     """Tensor-core path (bf16 dots are not upcast on the GPU) on image-sized segments."""
-    check_against_reference([1024, 333, 77, 1, 0, 2048, 256], 16, head_dim, dtype)
+    check_against_reference(kc.GPU_LAYOUTS["image-sized"], 16, head_dim, dtype)
 
 
 @cuda
 @pytest.mark.cuda
 def test_cuda_mixed_batch_and_auto_backend():
-    lengths = [2304, 1220, 980, 400, 400, 20]
-    check_against_reference(lengths, 16, 80, torch.bfloat16)
+    check_against_reference(kc.GPU_LAYOUTS["mixed-batch"], 16, 80, torch.bfloat16)
     q = torch.randn(8, 2, 80, device="cuda", dtype=torch.bfloat16)
     assert nv.ops.resolve_backend("attention", "auto", q).name in ("flash_attn", "triton")
 
@@ -271,8 +274,7 @@ def test_cuda_mixed_batch_and_auto_backend():
 @cuda
 @pytest.mark.cuda
 def test_cuda_skew_one_long_many_short():
-    # 8k, not 16k: the fp64 reference materialises the score matrix (2 heads x 8k x 8k x 8 B = 1 GiB)
-    check_against_reference([8192] + [64] * 64, 2, 80, torch.bfloat16)
+    check_against_reference(kc.GPU_LAYOUTS["skew-8k"], 2, 80, torch.bfloat16)
 
 
 def test_import_without_triton_registers_a_backend_that_says_why():
