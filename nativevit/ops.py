@@ -131,6 +131,8 @@ def apply_rope_2d(
             raise ValueError(f"{name} must have shape (total, heads, even head_dim), got {tuple(x.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in tokens or head_dim")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have one dtype, got {q.dtype} and {k.dtype}")
     if k.device != q.device:
         raise ValueError(f"k is on {k.device} but q is on {q.device}")
     expected = (q.shape[0], q.shape[-1] // 2)
