@@ -8,9 +8,10 @@ tokens = model(batch.pixel_values, batch.grid_thw)     # (N/4, out_hidden_size)
 
 from . import ops, strategies
 from .config import VisionConfig
+from .cuda_graphs import CUDAGraphEncoder
+from .image import smart_resize
 from .model import NativeViT
 from .packing import PackedBatch, Segments, cu_seqlens_from_grid
-from .image import smart_resize
 from .preprocess import ImageProcessor
 from .sampler import TokenBudgetSampler
 from .timm_vit import from_timm
@@ -18,6 +19,7 @@ from .timm_vit import from_timm
 __version__ = "0.1.0"
 
 __all__ = [
+    "CUDAGraphEncoder",
     "ImageProcessor",
     "NativeViT",
     "PackedBatch",

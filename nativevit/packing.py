@@ -85,7 +85,8 @@ class Segments:
     """Attention segments of one packed batch: what every layer's varlen attention needs.
 
     Built from host ``lengths`` (one source of truth): ``cu_seqlens`` ``(S+1,)`` int32 is derived from
-    them on ``device``, contiguous, and ``max_seqlen`` is the longest. Per-batch derived data (the
+    them on ``device`` (or written into ``out``, a static buffer), contiguous, and ``max_seqlen`` is the
+    longest (or a given bound, e.g. a CUDA graph's). Per-batch derived data (the
     padded layout's index tensors, kernel work lists) is kept in :meth:`cached`, so every layer reuses it.
 
     ``padded=True`` describes the same segments laid out as a padded batch: ``(S', max_seqlen)`` rows,
@@ -94,15 +95,29 @@ class Segments:
 
     __slots__ = ("lengths", "max_seqlen", "cu_seqlens", "padded", "_cache")
 
-    def __init__(self, lengths: Sequence[int], device: torch.device | str | None = None):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        device: torch.device | str | None = None,
+        *,
+        out: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ):
         lengths = tuple(int(n) for n in lengths)
         if not lengths:
             raise ValueError("a batch needs at least one segment")
         if min(lengths) < 0:
             raise ValueError(f"segment lengths must be >= 0, got {min(lengths)}")
+        if max_seqlen is not None and max_seqlen < max(lengths):
+            raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest segment ({max(lengths)})")
         self.lengths = lengths
-        self.max_seqlen = max(lengths)
-        self.cu_seqlens = cu_seqlens_from_lengths(lengths, device)
+        self.max_seqlen = max(lengths) if max_seqlen is None else int(max_seqlen)
+        if out is None:
+            self.cu_seqlens = cu_seqlens_from_lengths(lengths, device)
+        else:  # a static buffer (CUDA graphs): refreshed in place, same values
+            if out.dtype != torch.int32 or out.shape != (len(lengths) + 1,) or not out.is_contiguous():
+                raise ValueError(f"out must be a contiguous int32 ({len(lengths) + 1},) tensor")
+            self.cu_seqlens = out.copy_(cu_seqlens_from_lengths(lengths))
         self.padded = False
         self._cache: dict = {}
 
