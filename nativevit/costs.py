@@ -7,11 +7,10 @@ preprocessing never imports the model. The table behind ``nativevit tokens``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from . import strategies
 from .config import VisionConfig
-from .image import image_size
+from .image import describe, image_size, is_file
 from .model import flops
 
 
@@ -20,20 +19,21 @@ def cost_table(
 ) -> list[dict]:
     """One row per (image, strategy), images outer, in the order given.
 
-    ``images``: anything ``nativevit.image.image_size`` reads (a path is read from its header only;
-    a ``(width, height)`` pair needs no pixels). ``cfg``: the packed encoder whose forward FLOPs are
-    counted (default ``VisionConfig.qwen2_vl()``, the full Qwen2-VL tower).
+    ``images``: anything ``nativevit.image.image_size`` reads (a file is read from its header only,
+    EXIF orientation included; a ``(width, height)`` pair needs no pixels). ``cfg``: the packed encoder
+    whose forward FLOPs are counted (default ``VisionConfig.qwen2_vl()``, the full Qwen2-VL tower).
+    An unreadable image raises ``ValueError`` naming it (``images[i]`` and its path).
 
-    Each row: ``image`` (str: the path, or ``"WxH"``), ``size`` (str ``"WxH"``), ``strategy`` (str),
-    ``views`` (int), ``tokens`` (int, language-model tokens), ``patches`` (int, encoder patches over
-    all views), ``flops`` (int, forward FLOPs over all views packed), ``error`` (str: why the strategy
-    refuses the image, else ``""``; a refused row has zeros).
+    Each row: ``image`` (str: the path, or ``"WxH"``), ``size`` (str ``"WxH"``, as loaded),
+    ``strategy`` (str), ``views`` (int), ``tokens`` (int, language-model tokens), ``patches`` (int,
+    encoder patches over all views), ``flops`` (int, forward FLOPs over all views packed), ``error``
+    (str: why the strategy refuses the image, else ``""``; a refused row has zeros).
     """
     cfg = cfg if cfg is not None else VisionConfig.qwen2_vl()
     rows = []
-    for image in images:
-        w, h = image_size(image)
-        label = str(image) if isinstance(image, (str, Path)) else f"{w}x{h}"
+    for i, image in enumerate(images):
+        w, h = image_size(image, where=f"images[{i}]")
+        label = describe(image) if is_file(image) else f"{w}x{h}"
         for name in names:
             row = {"image": label, "size": f"{w}x{h}", "strategy": str(name)}
             try:

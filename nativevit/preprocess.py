@@ -1,24 +1,117 @@
-"""Qwen2-VL image preprocessing: smart_resize, PIL bicubic, rescale + CLIP normalisation, patchify.
+"""Qwen2-VL image preprocessing: smart_resize, PIL bicubic, rescale + normalisation, patchify.
 
-Bit-for-bit the pipeline of transformers' ``Qwen2VLImageProcessorPil``: RGB (alpha composited onto
-white) -> PIL bicubic resize of the uint8 image to ``smart_resize`` size -> ``x * (1/255)`` in float64,
-cast to float32 -> ``(x - mean) / std`` in float32 -> patch rows in 2x2 merge-block order, the frame
-duplicated over the temporal patch (T=2). Videos (lists of frames) are padded to a multiple of T by
-repeating the last frame.
+Bit-for-bit the pipeline of transformers' ``Qwen2VLImageProcessorPil``: RGB (``nativevit.image``: files
+decoded as transformers decodes a path, EXIF orientation included) -> PIL bicubic resize of the uint8
+image to ``smart_resize`` size -> ``x * (1/255)`` in float64, cast to float32 -> ``(x - mean) / std``
+in float32 -> patch rows in 2x2 merge-block order, the frame duplicated over the temporal patch (T=2).
+Videos (lists of frames) are padded to a multiple of T by repeating the last frame.
+
+A call runs in two passes. The first reads every input's size (a file's header only, no pixel decoded),
+applies every size rule (zero size, ``max_input_pixels``, aspect ratio, ``pixel_cap``, the per-call
+budget ``max_patches_per_call``) and sizes the output. The second decodes, resizes and normalises one
+frame at a time straight into that preallocated ``pixel_values``: a uint8 value has 256 possible
+normalised values per channel, so normalising is a table look-up with the exact float32 results of the
+arithmetic above, and no float copy of a whole image or video is ever made. The peak memory of a call
+is about its output plus one decoded frame.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 import torch
 
 from . import strategies
-from .image import DEFAULT_MAX_INPUT_PIXELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_rgb, smart_resize
+from .config import FAMILIES
+from .config import family as config_family
+from .image import (
+    DEFAULT_MAX_INPUT_PIXELS,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    check_aspect_ratio,
+    describe,
+    header_size,
+    is_file,
+    load_rgb,
+    rewindable,
+    smart_resize,
+)
 from .packing import PackedBatch, cu_seqlens_from_grid
+
+# Patch rows one call may produce, over all its images, videos and views. 2**18 rows of a 14-px
+# tower are 2**18 * 1176 float32 values = 1.15 GiB of pixel_values (1.5 GiB with 16-px patches);
+# that is four images at the released checkpoints' largest size (65536 patches each), while a 64-frame
+# 1920x1080 video at that size (344448 rows, 1.5 GiB) is refused before anything is decoded.
+DEFAULT_MAX_PATCHES_PER_CALL = 1 << 18
+
+
+def _int_setting(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        kind = "a positive int or None" if allow_none else "a positive int"
+        raise TypeError(f"ImageProcessor {name} must be {kind}, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"ImageProcessor {name} must be a positive int, got {value}")
+
+
+def _channel_setting(name: str, value) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"ImageProcessor {name} must be 3 numbers (R, G, B), got {value!r}") from e
+    if arr.shape != (3,):
+        raise ValueError(f"ImageProcessor {name} needs one value per RGB channel, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"ImageProcessor {name} must be finite as float32, got {arr.tolist()}")
+    return arr
+
+
+@dataclass
+class _Plan:
+    """One input of a call as read from its header: where it is, its frames, its size, its rows."""
+
+    where: str
+    frames: list
+    size: tuple[int, int]  # (height, width) in px, before resizing
+    rows: int  # patch rows it is expected to produce
+
+
+class _Rows:
+    """The preallocated ``(rows, width)`` float32 output, handed out in consecutive slices.
+
+    The first pass sizes it from the inputs' headers. A file that decodes to another size than its
+    header said (a file changed between the passes, or an EXIF block after a PNG's pixel data) makes
+    its own slice: the buffer grows, within the budget."""
+
+    def __init__(self, rows: int, width: int, budget: int | None):
+        self.buffer = np.empty((rows, width), dtype=np.float32)
+        self.used = 0
+        self.budget = budget
+
+    def take(self, n: int, where: str) -> np.ndarray:
+        end = self.used + n
+        if self.budget is not None and end > self.budget:
+            raise ValueError(
+                f"{where}: decoded to a larger size than its header said; the call now needs {end} patch "
+                f"rows, over max_patches_per_call={self.budget}"
+            )
+        if end > len(self.buffer):
+            grown = np.empty((end, self.buffer.shape[1]), dtype=np.float32)
+            grown[: self.used] = self.buffer[: self.used]
+            self.buffer = grown
+        out = self.buffer[self.used : end]
+        self.used = end
+        return out
+
+    def result(self) -> np.ndarray:
+        if self.used == len(self.buffer):
+            return self.buffer
+        return self.buffer[: self.used].copy()
 
 
 class ImageProcessor:
@@ -28,18 +121,26 @@ class ImageProcessor:
         min_pixels, max_pixels: pixel-count bounds of ``smart_resize`` (transformers' class defaults;
             the released checkpoints' ``preprocessor_config.json`` uses ``max_pixels=12845056``).
         patch_size, temporal_patch_size, merge_size: the tower's patching (14, 2, 2 for Qwen2-VL).
-        image_mean, image_std: normalisation (OpenAI CLIP).
+        image_mean, image_std: normalisation, 3 values each (OpenAI CLIP); finite, ``image_std > 0``.
         pixel_cap: refuse any image whose resized size would exceed this many pixels.
-        max_input_pixels: refuse inputs larger than this before decoding them (decompression bombs).
+        max_input_pixels: refuse inputs larger than this before decoding them (decompression bombs);
+            None: no limit.
+        max_patches_per_call: refuse a call whose output would have more patch rows than this
+            (``DEFAULT_MAX_PATCHES_PER_CALL`` = 262144, about 1.15 GiB of float32 ``pixel_values`` with
+            14-px patches), before anything is decoded; None: no limit.
         strategy: None (Qwen2-VL native, the default) or a resolution strategy of
             ``nativevit.strategies`` (a name such as ``"llava_next"``, ``"internvl"``, or a
             ``Strategy``): each image becomes that strategy's views (global / tiles / native), each
             view one patch grid, and all views of all images pack into one batch; ``views_per_image``
             and ``split_views`` map them back. ``"qwen2_vl"`` gives the default output.
 
-    Call with a list whose items are images (PIL image, ``(H, W, 3)`` uint8 array, or a path; loaded by
-    ``nativevit.image.load_rgb``) or videos (a list of such frames, or an ``(F, H, W, 3)`` uint8 array).
-    Output order is input order.
+    Every setting is checked here: a wrong type is a ``TypeError``, a wrong value a ``ValueError``,
+    each naming the setting.
+
+    Call with a list whose items are images (a path, a binary file object, a PIL image, or an
+    ``(H, W, 3)`` uint8 array; read by ``nativevit.image``) or videos (a list of such frames, or an
+    ``(F, H, W, 3)`` uint8 array). Output order is input order. Errors name the input
+    (``images[3]``, ``images[3] frame 7``) and the file's path.
     """
 
     def __init__(
@@ -53,22 +154,38 @@ class ImageProcessor:
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         pixel_cap: int = 16384 * 28 * 28,
-        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        max_input_pixels: int | None = DEFAULT_MAX_INPUT_PIXELS,
+        max_patches_per_call: int | None = DEFAULT_MAX_PATCHES_PER_CALL,
         strategy=None,
     ):
-        if not 0 < min_pixels <= max_pixels:
+        for name, value in (
+            ("min_pixels", min_pixels),
+            ("max_pixels", max_pixels),
+            ("patch_size", patch_size),
+            ("temporal_patch_size", temporal_patch_size),
+            ("merge_size", merge_size),
+            ("pixel_cap", pixel_cap),
+        ):
+            _int_setting(name, value)
+        _int_setting("max_input_pixels", max_input_pixels, allow_none=True)
+        _int_setting("max_patches_per_call", max_patches_per_call, allow_none=True)
+        if not min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
-        if len(image_mean) != 3 or len(image_std) != 3:
-            raise ValueError("image_mean and image_std need one value per RGB channel")
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
-        self.image_mean = np.asarray(image_mean, dtype=np.float32)
-        self.image_std = np.asarray(image_std, dtype=np.float32)
+        self.image_mean = _channel_setting("image_mean", image_mean)
+        self.image_std = _channel_setting("image_std", image_std)
+        if not (self.image_std > 0).all():
+            raise ValueError(
+                f"ImageProcessor image_std must be > 0 per channel, got {self.image_std.tolist()}"
+            )
+        self._table()  # refuses a mean/std pair whose normalised values overflow float32
         self.pixel_cap = pixel_cap
         self.max_input_pixels = max_input_pixels
+        self.max_patches_per_call = max_patches_per_call
         self.strategy = None
         if strategy is not None:
             if self.factor != strategies.ENCODE_FACTOR:
@@ -83,56 +200,62 @@ class ImageProcessor:
 
     # ---------------------------------------------------------------- family presets
     # Each family's released ``preprocessor_config.json`` (what ``from_pretrained`` of an official
-    # checkpoint gives), not transformers' class defaults (max_pixels 28*28*1280 for Qwen2-VL).
+    # checkpoint gives), not transformers' class defaults (max_pixels 28*28*1280 for Qwen2-VL), as
+    # the family table of ``nativevit.config`` lists them.
+
+    @classmethod
+    def for_model(cls, model_type: str, **overrides) -> ImageProcessor:
+        """The preset of a tower family: ``nativevit.config.family(model_type).processor``, with
+        ``overrides`` on top. ``model_type`` is a family ("qwen2_vl"), a release's ``model_type``
+        ("qwen3_vl_moe") or a tower's ("qwen2_5_vl_vision"); others raise ``ValueError`` listing the
+        known ones."""
+        try:
+            fam = config_family(model_type)
+        except ValueError:
+            known = sorted({t for f in FAMILIES.values() for t in (f.name, *f.model_types)})
+            raise ValueError(
+                f"no ImageProcessor preset for model_type {model_type!r}; known: {known} "
+                "(and each with a '_vision' suffix)"
+            ) from None
+        return cls(**{**fam.processor, **overrides})
 
     @classmethod
     def qwen2_vl(cls, **overrides) -> ImageProcessor:
         """Qwen2-VL releases: 14-px patches (factor 28), 3136..12845056 pixels, OpenAI CLIP mean/std."""
-        base = dict(min_pixels=56 * 56, max_pixels=16384 * 28 * 28, patch_size=14)
-        return cls(**{**base, **overrides})
+        return cls.for_model("qwen2_vl", **overrides)
 
     @classmethod
     def qwen2_5_vl(cls, **overrides) -> ImageProcessor:
         """Qwen2.5-VL releases: the same processor as Qwen2-VL."""
-        return cls.qwen2_vl(**overrides)
+        return cls.for_model("qwen2_5_vl", **overrides)
 
     @classmethod
     def qwen3_vl(cls, **overrides) -> ImageProcessor:
         """Qwen3-VL releases: 16-px patches (factor 32), 65536..16777216 pixels, mean = std = 0.5."""
-        base = dict(
-            min_pixels=65536,
-            max_pixels=16777216,
-            patch_size=16,
-            image_mean=(0.5, 0.5, 0.5),
-            image_std=(0.5, 0.5, 0.5),
-            pixel_cap=16777216,
-        )
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def for_model(cls, model_type: str, **overrides) -> ImageProcessor:
-        """The preset of a tower family (``VisionConfig.model_type``)."""
-        presets = {"qwen2_vl": cls.qwen2_vl, "qwen2_5_vl": cls.qwen2_5_vl, "qwen3_vl": cls.qwen3_vl}
-        if model_type not in presets:
-            raise ValueError(
-                f"no ImageProcessor preset for model_type {model_type!r}; known: {sorted(presets)}"
-            )
-        return presets[model_type](**overrides)
+        return cls.for_model("qwen3_vl", **overrides)
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    @property
+    def row_width(self) -> int:
+        """Values per patch row: ``3 * temporal_patch_size * patch_size**2`` (1176 for Qwen2-VL)."""
+        return 3 * self.temporal_patch_size * self.patch_size**2
+
     # ---------------------------------------------------------------- sizes
 
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
+    def target_size(self, height: int, width: int, *, where: str = "") -> tuple[int, int]:
         """``(height, width)`` in px, multiples of ``factor``, that a ``height x width`` input is resized
-        to (``smart_resize``); ``ValueError`` if that is over ``pixel_cap`` pixels."""
+        to (``smart_resize``); ``ValueError`` (naming ``where``) for an aspect ratio over 200 or a
+        result over ``pixel_cap`` pixels."""
+        check_aspect_ratio(width, height, where=where)
         h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
         if h * w > self.pixel_cap:
             raise ValueError(
-                f"a {height}x{width} (HxW) image would be resized to {h}x{w} = {h * w} pixels, over the "
-                f"pixel cap of {self.pixel_cap}; raise ImageProcessor(pixel_cap=...) to allow it"
+                f"{where}{': ' if where else ''}a {height}x{width} (HxW) image would be resized to "
+                f"{h}x{w} = {h * w} pixels, over the pixel cap of {self.pixel_cap}; raise "
+                "ImageProcessor(pixel_cap=...) to allow it"
             )
         return h, w
 
@@ -142,25 +265,141 @@ class ImageProcessor:
         h, w = self.target_size(height, width)
         return 1, h // self.patch_size, w // self.patch_size
 
-    # ---------------------------------------------------------------- pipeline
+    # ---------------------------------------------------------------- pixels
+
+    def _table(self) -> np.ndarray:
+        """``(3 * 256,)`` float32: entry ``256 * c + v`` is channel ``c``'s normalised value of the uint8
+        value ``v``, computed exactly as transformers does (``v * (1/255)`` in float64, cast to float32,
+        then ``(x - mean) / std`` in float32)."""
+        unit = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        with np.errstate(over="ignore"):
+            table = ((unit[None, :] - mean) / std).reshape(-1)
+        if not np.isfinite(table).all():
+            raise ValueError(
+                f"ImageProcessor image_mean {mean.ravel().tolist()} and image_std {std.ravel().tolist()} "
+                "give normalised values that overflow float32"
+            )
+        return table
+
+    def _resize(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8, ``(h, w) = size``, PIL bicubic."""
+        h, w = size
+        return np.asarray(PIL.Image.fromarray(rgb).resize((w, h), resample=PIL.Image.BICUBIC))
 
     def _resize_normalize(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32 with ``(h, w) = size``, resized and normalised."""
-        h, w = size
-        resized = np.asarray(PIL.Image.fromarray(rgb).resize((w, h), resample=PIL.Image.BICUBIC))
-        x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
-        x = (x - self.image_mean) / self.image_std
+        resized = self._resize(rgb, size)
+        x = self._table().take(resized.astype(np.intp) + np.arange(0, 768, 256))
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
-    def _patchify(self, frames: np.ndarray) -> np.ndarray:
-        """``(F, 3, H, W)`` float32 frames, F a multiple of T -> ``(F/T * gh * gw, 3*T*P*P)`` rows."""
-        n_frames, c, height, width = frames.shape
+    def _normalize_into(self, resized: np.ndarray, dest: np.ndarray, table: np.ndarray) -> None:
+        """Write the ``(h, w, 3)`` uint8 frame ``resized``, normalised, into ``dest``: a
+        ``(h/(m*P), w/(m*P), m, m, 3, P, P)`` float32 view of the output (one temporal slot of the
+        frame's patch rows), one strip of merge blocks at a time."""
+        p, m = self.patch_size, self.merge_size
+        strip = m * p
+        offsets = np.arange(0, 768, 256)
+        for r in range(dest.shape[0]):
+            idx = resized[r * strip : (r + 1) * strip].astype(np.intp)
+            idx += offsets
+            vals = table.take(idx)  # (m*P, w, 3): rows (m_h, P_h), cols (block, m_w, P_w), channel
+            dest[r] = vals.reshape(m, p, dest.shape[1], m, p, 3).transpose(2, 0, 3, 5, 1, 4)
+
+    def _fill(
+        self, dest: np.ndarray, load: Callable[[int], np.ndarray], n_frames: int, size: tuple[int, int]
+    ) -> None:
+        """Resize and normalise frames ``load(0) .. load(n_frames - 1)`` (each ``(H, W, 3)`` uint8, one
+        size) to ``size = (h, w)`` px, one at a time, into ``dest``, their ``(t * h/P * w/P, row_width)``
+        float32 rows; the last temporal patch is filled up by repeating the last frame."""
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
-        gt, gh, gw = n_frames // t, height // p, width // p
-        x = frames.reshape(gt, t, c, gh // m, m, p, gw // m, m, p)
-        # -> (gt, gh/m, gw/m, m_h, m_w, C, T, P_h, P_w): block-major rows, (C, T, P, P) features
-        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return x.reshape(gt * gh * gw, c * t * p * p)
+        h, w = size
+        gt = -(-n_frames // t)
+        blocks = dest.reshape(gt, h // (m * p), w // (m * p), m, m, 3, t, p, p)
+        table = self._table()
+        for f in range(n_frames):
+            rgb = load(f)
+            q, slot = divmod(f, t)
+            self._normalize_into(self._resize(rgb, size), blocks[q, ..., slot, :, :], table)
+            del rgb
+        q, last = divmod(n_frames - 1, t)
+        for slot in range(last + 1, t):  # a still image is its own second frame
+            blocks[q, ..., slot, :, :] = blocks[q, ..., last, :, :]
+
+    # ---------------------------------------------------------------- pipeline
+
+    def _frames(self, item, where: str) -> list:
+        if isinstance(item, np.ndarray) and item.ndim == 4:
+            frames = [item[i] for i in range(item.shape[0])]
+        elif isinstance(item, (list, tuple)):
+            frames = [rewindable(f) for f in item]
+        else:
+            frames = [rewindable(item)]
+        if not frames:
+            raise ValueError(f"{where}: a video needs at least one frame")
+        return frames
+
+    @staticmethod
+    def _frame_where(where: str, frames: list, i: int) -> str:
+        return f"{where} frame {i}" if len(frames) > 1 else where
+
+    def _plan(self, item, where: str) -> _Plan:
+        """Header pass of one image or video: frames, input size, expected rows; every size rule."""
+        frames = self._frames(item, where)
+        sizes = [
+            header_size(f, max_input_pixels=self.max_input_pixels, where=self._frame_where(where, frames, i))
+            for i, f in enumerate(frames)
+        ]
+        width, height = sizes[0]
+        for i, (w, h) in enumerate(sizes[1:], 1):
+            if (w, h) != (width, height):
+                raise ValueError(
+                    f"{describe(frames[i], self._frame_where(where, frames, i))}: all frames of a video "
+                    f"must have one size; frame 0 is {height}x{width}, frame {i} is {h}x{w} (HxW)"
+                )
+        th, tw = self.target_size(height, width, where=describe(frames[0], where))
+        t = -(-len(frames) // self.temporal_patch_size)
+        return _Plan(where, frames, (height, width), t * (th // self.patch_size) * (tw // self.patch_size))
+
+    def _check_budget(self, plans: list[_Plan]) -> None:
+        total = sum(p.rows for p in plans)
+        budget = self.max_patches_per_call
+        if budget is None or total <= budget:
+            return
+        big = max(plans, key=lambda p: p.rows)
+        h, w = big.size
+        frames = f"{len(big.frames)} frames of " if len(big.frames) > 1 else ""
+        gib = total * self.row_width * 4 / 2**30
+        raise ValueError(
+            f"this call asks for {total} patch rows ({gib:.2f} GiB of float32 pixel_values) from "
+            f"{len(plans)} input(s), over max_patches_per_call={budget}; the largest is {big.where} "
+            f"({frames}{h}x{w} px, HxW: {big.rows} rows). Nothing was decoded: split the call, lower "
+            "max_pixels, or raise ImageProcessor(max_patches_per_call=...)"
+        )
+
+    def _encode(self, plan: _Plan, out: _Rows) -> tuple[tuple[int, int, int], tuple[int, int]]:
+        """Decode pass of one planned input into ``out``: its grid and its decoded ``(height, width)``."""
+        frames, where = plan.frames, plan.where
+
+        def load(i: int) -> np.ndarray:
+            at = self._frame_where(where, frames, i)
+            rgb = load_rgb(frames[i], max_input_pixels=self.max_input_pixels, where=at)
+            if i and rgb.shape != (height, width, 3):
+                raise ValueError(
+                    f"{describe(frames[i], at)}: all frames of a video must have one size; frame 0 is "
+                    f"{height}x{width}, frame {i} is {rgb.shape[0]}x{rgb.shape[1]} (HxW)"
+                )
+            return rgb
+
+        decoded = [load(0)]  # frame 0 tells the size; _fill takes it from here, so it is not kept
+        height, width = decoded[0].shape[:2]
+        size = self.target_size(height, width, where=describe(frames[0], where))
+        t = -(-len(frames) // self.temporal_patch_size)
+        grid = (t, size[0] // self.patch_size, size[1] // self.patch_size)
+        dest = out.take(math.prod(grid), where)
+        self._fill(dest, lambda i: decoded.pop() if i == 0 else load(i), len(frames), size)
+        return grid, (height, width)
 
     def preprocess(
         self, item, where: str = "input"
@@ -170,49 +409,28 @@ class ImageProcessor:
         ``rows``: ``(t * h * w, 3 * T * P * P)`` float32 numpy array (``T = temporal_patch_size``,
         ``P = patch_size``), patches in merge-block order; ``grid``: ``(t, h, w)``, with ``t`` the number
         of frames (padded to a multiple of ``T``) divided by ``T``; ``size``: the input's ``(height, width)``
-        in px. ``where`` names the item in error messages.
+        in px. ``where`` names the item in error messages. The call budget applies.
         """
-        if isinstance(item, np.ndarray) and item.ndim == 4:
-            frames = [item[i] for i in range(item.shape[0])]
-        elif isinstance(item, (list, tuple)):
-            frames = list(item)
-        else:
-            frames = [item]
-        if not frames:
-            raise ValueError(f"{where}: a video needs at least one frame")
-        rgb = [
-            load_rgb(
-                f,
-                max_input_pixels=self.max_input_pixels,
-                where=f"{where} frame {i}" if len(frames) > 1 else where,
-            )
-            for i, f in enumerate(frames)
-        ]
-        height, width = rgb[0].shape[:2]
-        for i, r in enumerate(rgb[1:], 1):
-            if r.shape[:2] != (height, width):
-                raise ValueError(
-                    f"{where}: all frames of a video must have one size; frame 0 is {height}x{width}, "
-                    f"frame {i} is {r.shape[0]}x{r.shape[1]}"
-                )
-        size = self.target_size(height, width)
-        normed = [self._resize_normalize(r, size) for r in rgb]
-        t = self.temporal_patch_size
-        normed += [normed[-1]] * (-len(normed) % t)  # a still image is its own second frame
-        rows = self._patchify(np.stack(normed))
-        grid = (len(normed) // t, size[0] // self.patch_size, size[1] // self.patch_size)
-        return rows, grid, (height, width)
+        plan = self._plan(item, where)
+        self._check_budget([plan])
+        out = _Rows(plan.rows, self.row_width, self.max_patches_per_call)
+        grid, size = self._encode(plan, out)
+        return out.result(), grid, size
 
     def __call__(self, images) -> PackedBatch:
         """A list of images and videos (or one image) -> one ``PackedBatch``, in input order.
 
-        ``pixel_values``: ``(N, 3 * T * P * P)`` float32; ``grid_thw``: ``(B, 3)`` int64, one row per
-        image, or per view with a strategy (``views_per_image`` then maps views back to images);
-        ``cu_seqlens``: ``(S + 1,)`` int32, one segment per temporal patch (one per still image or view);
-        ``max_seqlen``: python int.
+        ``pixel_values``: ``(N, 3 * T * P * P)`` float32 (``N`` = sum of ``t * h * w``); ``grid_thw``:
+        ``(B, 3)`` int64, one row per image, or per view with a strategy (``views_per_image`` then maps
+        views back to images); ``cu_seqlens``: ``(S + 1,)`` int32, one segment per temporal patch (one
+        per still image or view); ``max_seqlen``: python int; ``image_sizes``: ``(height, width)`` of each
+        input. Size rules and the ``max_patches_per_call`` budget are applied to every input's header
+        before anything is decoded.
         """
-        if isinstance(images, (PIL.Image.Image, str, Path)) or (
-            isinstance(images, np.ndarray) and images.ndim == 3
+        if (
+            isinstance(images, PIL.Image.Image)
+            or is_file(images)
+            or (isinstance(images, np.ndarray) and images.ndim == 3)
         ):
             images = [images]
         if not isinstance(images, (list, tuple)):
@@ -221,19 +439,22 @@ class ImageProcessor:
             raise ValueError("empty image list: nothing to encode")
         if self.strategy is not None:
             return self._pack_views(images)
-        rows, grids, sizes = [], [], []
-        for i, item in enumerate(images):
-            r, g, s = self.preprocess(item, where=f"images[{i}]")
-            rows.append(r)
-            grids.append(g)
-            sizes.append(s)
-        return self._packed(rows, grids, sizes)
+        plans = [self._plan(item, f"images[{i}]") for i, item in enumerate(images)]
+        self._check_budget(plans)
+        out = _Rows(sum(p.rows for p in plans), self.row_width, self.max_patches_per_call)
+        grids, sizes = [], []
+        for plan in plans:
+            grid, size = self._encode(plan, out)
+            grids.append(grid)
+            sizes.append(size)
+        return self._packed(out.result(), grids, sizes)
 
-    def _packed(self, rows, grids, sizes, views_per_image=None) -> PackedBatch:
-        """Patch rows and ``(t, h, w)`` grids of every image (or view) -> one ``PackedBatch``."""
+    def _packed(self, rows: np.ndarray, grids, sizes, views_per_image=None) -> PackedBatch:
+        """``(N, row_width)`` float32 patch rows and the ``(t, h, w)`` grids of every image (or view) ->
+        one ``PackedBatch`` (the rows are shared, not copied)."""
         grid_thw = torch.tensor(grids, dtype=torch.int64)
         return PackedBatch(
-            pixel_values=torch.from_numpy(np.concatenate(rows)),
+            pixel_values=torch.from_numpy(rows),
             grid_thw=grid_thw,
             cu_seqlens=cu_seqlens_from_grid(grid_thw),
             max_seqlen=max(h * w for _, h, w in grids),
@@ -242,30 +463,50 @@ class ImageProcessor:
             views_per_image=views_per_image,
         )
 
+    def _views_plan(self, item, where: str) -> _Plan:
+        """Header pass of one image under the strategy: its views' rows; every size rule."""
+        if isinstance(item, (list, tuple)) or (isinstance(item, np.ndarray) and item.ndim == 4):
+            raise TypeError(f"{where}: strategy {self.strategy.name!r} takes still images, not videos")
+        item = rewindable(item)
+        label = describe(item, where)
+        width, height = header_size(item, max_input_pixels=self.max_input_pixels, where=where)
+        try:
+            views = self.strategy.layout(width, height)
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+        for v in views:
+            self._check_view(v, label)
+        return _Plan(where, [item], (height, width), sum(v.num_patches for v in views))
+
+    def _check_view(self, view, label: str) -> None:
+        w, h = view.encode_size
+        if w * h > self.pixel_cap:
+            raise ValueError(
+                f"{label}: a {view.kind} view of {w}x{h} (WxH) px is over the pixel cap {self.pixel_cap}"
+            )
+
     def _pack_views(self, images) -> PackedBatch:
         """Each image -> its strategy's views, each resampled to its encode size; all views packed."""
-        rows, grids, sizes, counts = [], [], [], []
-        for i, item in enumerate(images):
-            where = f"images[{i}]"
-            if isinstance(item, (list, tuple)) or (isinstance(item, np.ndarray) and item.ndim == 4):
-                raise TypeError(f"{where}: strategy {self.strategy.name!r} takes still images, not videos")
-            rgb = load_rgb(item, max_input_pixels=self.max_input_pixels, where=where)
+        plans = [self._views_plan(item, f"images[{i}]") for i, item in enumerate(images)]
+        self._check_budget(plans)
+        out = _Rows(sum(p.rows for p in plans), self.row_width, self.max_patches_per_call)
+        grids, sizes, counts = [], [], []
+        for plan in plans:
+            (item,), label = plan.frames, describe(plan.frames[0], plan.where)
+            rgb = load_rgb(item, max_input_pixels=self.max_input_pixels, where=plan.where)
             try:
                 views = self.strategy.plan(rgb)
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                raise ValueError(f"{label}: {e}") from None
             for v in views:
+                self._check_view(v, label)
                 w, h = v.encode_size
-                if w * h > self.pixel_cap:
-                    raise ValueError(
-                        f"{where}: a {v.kind} view of {w}x{h} (WxH) px is over the pixel cap {self.pixel_cap}"
-                    )
-                normed = self._resize_normalize(np.asarray(v.image), (h, w))
-                rows.append(self._patchify(np.stack([normed] * self.temporal_patch_size)))
-                grids.append((1, h // self.patch_size, w // self.patch_size))
+                dest = out.take(v.num_patches, label)
+                self._fill(dest, lambda _, v=v: np.asarray(v.image), 1, (h, w))
+                grids.append(v.grid)
             sizes.append(rgb.shape[:2])
             counts.append(len(views))
-        return self._packed(rows, grids, sizes, views_per_image=counts)
+        return self._packed(out.result(), grids, sizes, views_per_image=counts)
 
 
-__all__ = ["ImageProcessor", "smart_resize"]
+__all__ = ["DEFAULT_MAX_PATCHES_PER_CALL", "ImageProcessor", "smart_resize"]

@@ -27,10 +27,11 @@ Two numbers per image, kept apart on purpose:
 Views are listed in the order the language model reads their features: LLaVA base first, InternVL
 thumbnail last, DeepSeek Gundam tiles before the global view.
 
-Bad input raises ``ValueError``: sides under ``MIN_SIDE`` px, aspect ratios over ``MAX_ASPECT_RATIO``
-(``nativevit.image``: Qwen2-VL's limit, applied to all) or past a strategy's own limit (LLaVA-NeXT's
-unpadded feature grid would be empty), and more than ``max_input_pixels`` pixels (decompression bombs;
-checked from the header, before decoding). Nothing is cropped silently.
+Images are read by ``nativevit.image`` (files with their EXIF orientation applied, as transformers
+reads a path). Bad input raises ``ValueError``: sides under ``MIN_SIDE`` px, aspect ratios over
+``MAX_ASPECT_RATIO`` (``nativevit.image``: Qwen2-VL's limit, applied to all) or past a strategy's own
+limit (LLaVA-NeXT's unpadded feature grid would be empty), and more than ``max_input_pixels`` pixels
+(decompression bombs; checked from the header, before decoding). Nothing is cropped silently.
 """
 
 from __future__ import annotations
@@ -409,7 +410,7 @@ class LlavaOneVision(LlavaNext):
 class InternVL(Strategy):
     """InternVL ``dynamic_preprocess``: squash to the closest ``cols x rows`` grid of 448 tiles, plus
     a squashed thumbnail last when there is more than one tile; 256 tokens per 448 image, +2 for
-    ``<img>``/``</img>``. ``max_tiles`` is 12 (InternVL's README and training), 6 in its eval scripts."""
+    ``<img>``/``</img>``. ``max_tiles`` defaults to 12, InternVL's usual setting (6 is also common)."""
 
     name = "internvl"
 
@@ -607,9 +608,10 @@ def count(name: str | Strategy, width: int, height: int, **options) -> TokenCoun
 def plan(name: str | Strategy, image, **options) -> list[View]:
     """The views of ``image``, in the order the language model reads them.
 
-    ``image``: a PIL image, an ``(H, W, 3)`` uint8 array or a path, or a ``(width, height)`` pair for
-    geometry only. Each ``View.image`` is an RGB PIL image of ``View.size`` px (a native view: the
-    original image), or None for a pair.
+    ``image``: a PIL image, an ``(H, W, 3)`` uint8 array, a path or a binary file object (read by
+    ``nativevit.image.load_rgb``: a file's EXIF orientation is applied, as transformers applies it), or
+    a ``(width, height)`` pair for geometry only. Each ``View.image`` is an RGB PIL image of
+    ``View.size`` px (a native view: the original image), or None for a pair.
     """
     return get(name, **options).plan(image)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +56,16 @@ def test_rgba_is_composited_onto_white(tmp_path):
     pil.save(path)
     a = rgba[..., 3:].astype(np.float64) / 255
     expected = a * rgba[..., :3] + (1 - a) * 255
-    for source in (pil, path):
+    for source in (pil,):
         out = image.load_rgb(source)
         assert out.dtype == np.uint8 and out.shape == (4, 6, 3)
         np.testing.assert_array_equal(out[0], rgba[0, :, :3])
         np.testing.assert_array_equal(out[1], np.full((6, 3), 255))
         diff = np.abs(out.astype(np.float64) - expected).max()
         assert diff <= 1.0, f"{type(source).__name__}: max |diff| {diff} from a * colour + (1 - a) * white"
+    # a file is decoded as transformers' load_image decodes a path: convert("RGB") drops the alpha band
+    # (the parity tests below compare whole processor outputs with transformers)
+    np.testing.assert_array_equal(image.load_rgb(path), rgba[..., :3])
 
 
 def test_palette_transparency_key_is_composited_onto_white():
@@ -172,3 +177,127 @@ def test_strategies_sit_on_image_alone():
     imported = _imported_modules(Path(strategies.__file__))
     ours = {m for m in imported if m.startswith((".", "nativevit", "importlib"))}
     assert ours == {".image"}, ours
+
+
+# ---------------------------------------------------------------------------- files (as transformers reads)
+
+
+def exif_jpeg(path: Path, orientation: int, h: int = 40, w: int = 70) -> Path:
+    """A ``w x h`` px JPEG (as stored) whose EXIF orientation tag is ``orientation``."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    PIL.Image.fromarray(random_image(h, w, seed=orientation)).save(path, exif=exif.tobytes())
+    return path
+
+
+def transparent_pngs(tmp_path: Path) -> dict[str, Path]:
+    """PNG files with transparency of every kind: RGBA, LA, palette with a transparent index (used by
+    many pixels), RGB with a colour key (tRNS)."""
+    rgba = random_image(37, 53, seed=1)
+    alpha = np.random.default_rng(2).integers(0, 256, (37, 53), dtype=np.uint8)
+    alpha[:5] = 0
+    alpha[5:10] = 255
+    rgba = np.dstack([rgba, alpha])
+    files = {}
+    for mode in ("RGBA", "LA"):
+        files[mode] = tmp_path / f"{mode}.png"
+        PIL.Image.fromarray(rgba, "RGBA").convert(mode).save(files[mode])
+    pal = PIL.Image.fromarray(rgba[..., :3]).quantize(colors=16)
+    files["P"] = tmp_path / "P.png"
+    pal.save(files["P"], transparency=3)
+    keyed = rgba[..., :3].copy()
+    keyed[::3, ::4] = (10, 20, 30)
+    files["RGB-key"] = tmp_path / "rgb_key.png"
+    PIL.Image.fromarray(keyed).save(files["RGB-key"], transparency=(10, 20, 30))
+    return files
+
+
+def _transformers_pixels(path: Path) -> np.ndarray:
+    """What transformers' Qwen2-VL PIL processor works on for a path: ``load_image`` (open, EXIF
+    orientation, RGB), then its RGB conversion."""
+    from transformers.image_transforms import convert_to_rgb
+    from transformers.image_utils import load_image
+
+    return convert_to_rgb(load_image(str(path)), return_numpy=True)
+
+
+def test_files_decode_as_transformers_reads_a_path(tmp_path):
+    files = {f"exif{o}": exif_jpeg(tmp_path / f"exif{o}.jpg", o) for o in range(1, 9)}
+    files.update(transparent_pngs(tmp_path))
+    for name, path in files.items():
+        ref = _transformers_pixels(path)
+        for source in (path, str(path)):
+            np.testing.assert_array_equal(image.load_rgb(source), ref, err_msg=name)
+        with open(path, "rb") as f:
+            np.testing.assert_array_equal(image.load_rgb(f), ref, err_msg=f"{name} as a file object")
+            assert not f.closed  # the caller's file stays open
+        np.testing.assert_array_equal(image.load_rgb(io.BytesIO(path.read_bytes())), ref, err_msg=name)
+
+
+def test_exif_orientation_is_applied_to_files_only(tmp_path):
+    path = exif_jpeg(tmp_path / "six.jpg", 6)
+    decoded = np.asarray(PIL.Image.open(path).convert("RGB"))  # the JPEG's pixels as stored
+    out = image.load_rgb(path)
+    assert out.shape == (70, 40, 3)  # orientation 6: turned a quarter clockwise for display
+    np.testing.assert_array_equal(out, np.rot90(decoded, k=-1))
+    # a PIL image is taken as it is, as transformers' processor takes it (no orientation applied)
+    assert image.load_rgb(PIL.Image.open(path)).shape == (40, 70, 3)
+    # sizes from the header agree with the decoded pixels, orientation included
+    assert image.image_size(path) == image.header_size(path) == (40, 70)
+    assert image.image_size(PIL.Image.open(path)) == (70, 40)
+
+
+def test_sizes_come_from_the_header_alone(tmp_path):
+    """A JPEG cut right after its header has no pixels to decode: its size (orientation included) is
+    still read, while loading it fails, naming the file."""
+    path = exif_jpeg(tmp_path / "cut.jpg", 8, h=300, w=500)
+    data = path.read_bytes()
+    sos = data.index(b"\xff\xda")  # start of scan: its header, then the entropy-coded pixels
+    path.write_bytes(data[: sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big") + 8])
+    assert image.image_size(path) == (300, 500)
+    assert image.header_size(path, where="images[0]") == (300, 500)
+    with pytest.raises(
+        ValueError, match=rf"^images\[0\]: {re.escape(str(path))}: cannot decode: .*truncated"
+    ):
+        image.load_rgb(path, where="images[0]")
+
+
+def test_file_objects_that_cannot_seek_are_read_once(tmp_path):
+    path = exif_jpeg(tmp_path / "five.jpg", 5)
+
+    class Stream(io.RawIOBase):
+        def __init__(self, data):
+            self.data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            return self.data.readinto(buf)
+
+    stream = Stream(path.read_bytes())
+    assert not stream.seekable()
+    np.testing.assert_array_equal(image.load_rgb(stream, check=lambda w, h: None), _transformers_pixels(path))
+
+
+def test_undecodable_files_name_the_input_and_the_path(tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image\n")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    full = tmp_path / "full.jpg"
+    PIL.Image.fromarray(random_image(64, 64)).save(full)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    for path, why in ((text, "cannot identify"), (empty, "cannot identify"), (cut, "truncated")):
+        with pytest.raises(
+            ValueError, match=rf"^images\[3\]: {re.escape(str(path))}: cannot decode: .*{why}"
+        ):
+            image.load_rgb(path, where="images[3]")
+        with (
+            open(path, "rb") as f,
+            pytest.raises(ValueError, match=rf"^images\[3\]: {re.escape(str(path))}: cannot decode"),
+        ):
+            image.load_rgb(f, where="images[3]")
+    with pytest.raises(ValueError, match=r"^images\[1\]: <BytesIO>: cannot decode"):
+        image.load_rgb(io.BytesIO(b"GIF89a"), where="images[1]")

@@ -11,11 +11,13 @@ calls, counting the expanded placeholder tokens, on a few sizes.
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 
@@ -454,6 +456,52 @@ def test_bad_arguments():
         nv.ImageProcessor(strategy="internvl", patch_size=16)
 
 
+def _exif_jpeg(path, orientation, w, h):
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    PIL.Image.fromarray(_random_image(w, h, seed=orientation)).save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("name", ["llava_next", "internvl", "deepseek_ocr_gundam"])
+def test_files_are_planned_upright(tmp_path, name):
+    """A photo stored sideways with EXIF orientation 6 is tiled as it is displayed (as transformers reads
+    a path): its views, token count and cost row are those of the upright image, from a path or a
+    file object."""
+    path = _exif_jpeg(tmp_path / "phone.jpg", 6, 900, 400)  # stored 900x400, displayed 400x900
+    upright = np.asarray(PIL.ImageOps.exif_transpose(PIL.Image.open(path)).convert("RGB"))
+    assert upright.shape == (900, 400, 3)
+    expected = S.plan(name, upright)
+    with open(path, "rb") as f:
+        for source in (path, str(path), f):
+            views = S.plan(name, source)
+            assert [(v.kind, v.size, v.tile) for v in views] == [(v.kind, v.size, v.tile) for v in expected]
+            for a, b in zip(views, expected, strict=True):
+                assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert S.plan(name, (400, 900)) == expected  # geometry alone: the displayed size
+    batch = nv.ImageProcessor(strategy=name)([path])
+    assert torch.equal(batch.pixel_values, nv.ImageProcessor(strategy=name)([upright]).pixel_values)
+
+    from nativevit.costs import cost_table
+
+    (row,) = cost_table([path], [name])
+    assert (row["size"], row["tokens"]) == ("400x900", S.num_tokens(name, 400, 900))
+    assert row["image"] == str(path)
+
+
+def test_strategy_errors_name_the_index_and_the_path(tmp_path):
+    cut = tmp_path / "cut.jpg"
+    PIL.Image.fromarray(_random_image(300, 200)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:-400])
+    with pytest.raises(ValueError, match=r"cut\.jpg: cannot decode: .*truncated"):
+        S.plan("internvl", cut)
+    ok = _random_image(300, 200)
+    with pytest.raises(ValueError, match=rf"^images\[2\]: {re.escape(str(cut))}: cannot decode"):
+        nv.ImageProcessor(strategy="internvl")([ok, ok, cut])
+    with pytest.raises(ValueError, match=r"^images\[1\]: .*aspect ratio"):
+        nv.ImageProcessor(strategy="internvl")([ok, _random_image(4020, 20)])
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -471,5 +519,7 @@ def test_cli_tokens_table(tmp_path, capsys):
     row = next(line.split() for line in out.splitlines() if line.startswith(str(path)) and "internvl" in line)
     assert row[2:] == ["9", "2306", str(9 * 1024), f"{gflops:.1f}"]
     assert "refused: 7300x100 by llava_next" in out and "too elongated" in out
-    with pytest.raises(SystemExit, match="unknown strategy"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["tokens", "100x100", "--strategy", "llava2"])
+    # the message is the exit's, or argparse's on stderr
+    assert "unknown strategy 'llava2'" in f"{exit_info.value} {capsys.readouterr().err}"
