@@ -1,75 +1,66 @@
 """nativevit vs transformers' Qwen2-VL vision tower: same random weights, same images, one run.
 
 transformers runs ``Qwen2VisionTransformerPretrainedModel`` with ``attn_implementation="sdpa"`` (its
-per-segment SDPA loop); nativevit runs its packed encoder with the ``auto`` backend. Reported: tokens/s
-of each, their ratio, and each one's fraction of the ``torch.mm`` roofline at that dtype.
+per-segment SDPA loop); nativevit runs its packed encoder (``nativevit.bench.encoder``). Reported:
+tokens/s of each, their ratio, and each one's fraction of the ``torch.mm`` roofline at that dtype.
 
     python benchmarks/bench_vs_transformers.py                    # fp32 + bf16, seed set, depth 2
-    python benchmarks/bench_vs_transformers.py --depth 32 --iters 3
+    python benchmarks/bench_vs_transformers.py --depth 32 --iters 3 --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-import torch
-from tqdm import tqdm
+from nativevit.bench.args import (
+    ArgumentParser,
+    add_device_argument,
+    add_dtype_argument,
+    add_out_argument,
+    check_out_dir,
+    nonneg_int,
+    positive_int,
+    run_guarded,
+    write_results,
+)
+from nativevit.bench.encoder import DEFAULT_MAX_PIXELS, EncoderRun, run_encoder
+from nativevit.bench.images import IMAGE_SETS
 
-from nativevit import benchutil
-from nativevit.benchmark import DTYPES, IMAGE_SETS, encoder_mode, image_set, measure, transformers_mode
-from nativevit.config import VisionConfig
-from nativevit.model import NativeViT
-from nativevit.preprocess import ImageProcessor
 
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=positive_int, default=2)
+    add_dtype_argument(p, default=["fp32", "bf16"], multiple=True)
     p.add_argument("--sets", nargs="+", choices=sorted(IMAGE_SETS), default=["seed"])
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--iters", type=int, default=3, help="interleaved timed rounds; medians are reported")
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    p.add_argument("--backend", default="auto", help="attention backend of nativevit")
+    p.add_argument("--padded", action="store_true", help="also time nativevit's padded baseline")
+    p.add_argument("--iters", type=positive_int, default=3, help="interleaved timed rounds; medians reported")
+    p.add_argument("--warmup", type=nonneg_int, default=0)
+    add_device_argument(p)
+    add_out_argument(p)
+    args = p.parse_args(argv)
+    check_out_dir(p, args.out)
+    modes = ("packed", "padded", "transformers") if args.padded else ("packed", "transformers")
 
-    device = torch.device(args.device)
-    rows = []
-    for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        torch.manual_seed(0)
-        model = NativeViT(VisionConfig.qwen2_vl(depth=args.depth)).to(device=device, dtype=dtype).eval()
-        peak = benchutil.mm_peak_flops(dtype, device)
-        for name in tqdm(args.sets, desc=f"vs transformers {dtype_name}"):
-            batch = ImageProcessor()(image_set(name))
-            modes = [
-                encoder_mode(model, batch, backend=args.backend, padded=False, device=device),
-                transformers_mode(model, batch, device=device),
-            ]
-            ours, hf = measure(modes, warmup=args.warmup, iters=args.iters, device=device)
-            ratio = hf.seconds / ours.seconds
-            frac = {r.mode: r.flops["total"] / r.seconds / peak for r in (ours, hf)}
-            tqdm.write(
-                f"[{name}] {dtype_name} depth {args.depth}: "
-                f"nativevit ({ours.backend}) {ours.tokens_per_s:.0f} tok/s "
-                f"({100 * frac['packed']:.0f}% of mm peak), transformers sdpa {hf.tokens_per_s:.0f} tok/s "
-                f"({100 * frac['hf']:.0f}%), ratio {ratio:.2f}x; mm peak {peak / 1e9:.0f} GFLOP/s"
+    def work():
+        rows = []
+        for dtype in args.dtypes:
+            run = EncoderRun(
+                depth=args.depth,
+                dtype=dtype,
+                device=str(args.device),
+                backend=args.backend,
+                sets=[(s, s, DEFAULT_MAX_PIXELS) for s in args.sets],
+                modes=modes,
+                warmup=args.warmup,
+                iters=args.iters,
             )
-            shape = f"set={name};depth={args.depth};tokens={ours.tokens}"
-            for r in (ours, hf):
-                backend = "nativevit:" + r.backend if r is ours else "transformers:sdpa"
-                rows += [
-                    {"benchmark": "vs_transformers", "backend": backend, "dtype": dtype_name, "shape": shape,
-                     "metric": "tokens_per_s", "value": f"{r.tokens_per_s:.1f}", "unit": "tok/s"},
-                    {"benchmark": "vs_transformers", "backend": backend, "dtype": dtype_name, "shape": shape,
-                     "metric": "mm_fraction", "value": f"{frac[r.mode]:.4f}", "unit": ""},
-                ]  # fmt: skip
-            rows.append({"benchmark": "vs_transformers", "backend": "ratio", "dtype": dtype_name,
-                         "shape": shape,
-                         "metric": "speedup", "value": f"{ratio:.4f}", "unit": "x"})  # fmt: skip
-    path = benchutil.append_csv(benchutil.results_path("vs_transformers", device), rows)
-    print(f"results appended to {path}")
+            rows += run_encoder(run, benchmark="vs_transformers", title="bench_vs_transformers")
+        write_results(args.out, "vs_transformers", rows, device=args.device)
+
+    return run_guarded("bench_vs_transformers", work)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
