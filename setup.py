@@ -30,7 +30,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 
@@ -146,7 +146,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["nativevit", "nativevit.kernels"],
+    packages=[*find_packages(include=["nativevit", "nativevit.*"]), "nativevit.kernels"],
     package_dir={"nativevit": "nativevit", "nativevit.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -160,7 +160,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=5.23,<6"],
+        "test": ["pytest", "hypothesis", "transformers>=5.23,<6"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["nativevit = nativevit.cli:main"]},
