@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 # Fields of a released ``vision_config`` that carry no information for the tower.
 _IGNORED_HF_FIELDS = {
     "model_type",
@@ -37,8 +39,16 @@ _IGNORED_HF_FIELDS = {
 
 _HF_ALIASES = {"num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The image processor of the Qwen2-VL and Qwen2.5-VL releases: 14-px patches (factor 28), 56*56 to
+# 16384*28*28 pixels, OpenAI CLIP mean/std.
+QWEN2_VL_PROCESSOR: dict[str, Any] = dict(
+    min_pixels=56 * 56,
+    max_pixels=16384 * 28 * 28,
+    patch_size=14,
+    image_mean=OPENAI_CLIP_MEAN,
+    image_std=OPENAI_CLIP_STD,
+)
 
 
 @dataclass(frozen=True)
@@ -103,13 +113,7 @@ FAMILIES: dict[str, Family] = {
             model_types=("qwen2_vl",),
             architecture="Qwen2VLForConditionalGeneration",
             key_prefix="visual.",
-            processor=dict(
-                min_pixels=56 * 56,
-                max_pixels=16384 * 28 * 28,
-                patch_size=14,
-                image_mean=CLIP_MEAN,
-                image_std=CLIP_STD,
-            ),
+            processor=QWEN2_VL_PROCESSOR,
         ),
         Family(
             name="qwen2_5_vl",
@@ -136,13 +140,7 @@ FAMILIES: dict[str, Family] = {
             model_types=("qwen2_5_vl",),
             architecture="Qwen2_5_VLForConditionalGeneration",
             key_prefix="visual.",
-            processor=dict(
-                min_pixels=56 * 56,
-                max_pixels=16384 * 28 * 28,
-                patch_size=14,
-                image_mean=CLIP_MEAN,
-                image_std=CLIP_STD,
-            ),
+            processor=QWEN2_VL_PROCESSOR,
         ),
         Family(
             name="qwen3_vl",
