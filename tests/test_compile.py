@@ -15,7 +15,7 @@ GRIDS = [
     [[1, 6, 6], [2, 2, 4], [1, 2, 2]],
     [[1, 8, 4], [1, 4, 2], [1, 2, 6], [1, 2, 2]],
     [[3, 4, 4], [1, 10, 2]],
-    [[1, 12, 8], [1, 2, 4], [2, 6, 2]],
+    [[1, 12, 8], [1, 2, 4], [2, 6, 2], [1, 2, 2]],
 ]
 PRESETS = {
     "qwen2_vl": nv.VisionConfig.tiny,
@@ -35,9 +35,12 @@ def _batch(grid, cfg, dtype, seed):
     return torch.randn(int(grid.prod(-1).sum()), cfg.patch_dim, generator=g).to(dtype), grid
 
 
+# every family in fp32; bf16 on the windowed family (the most metadata), to keep the suite fast
+CASES = [(family, torch.float32) for family in sorted(PRESETS)] + [("qwen2_5_vl", torch.bfloat16)]
+
+
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("family", sorted(PRESETS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family, dtype", CASES)
 def test_compiled_model_compiles_once_for_varied_batches(family, backend, dtype):
     torch.manual_seed(0)
     cfg = PRESETS[family]()
