@@ -158,6 +158,8 @@ setup(
         "pillow",
         "safetensors",
         "tqdm",
+        "pyarrow",
+        "webdataset",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers>=5.23,<6"],

@@ -9,6 +9,7 @@ tokens = model(batch.pixel_values, batch.grid_thw)     # (N/4, out_hidden_size)
 from . import ops, strategies
 from .config import VisionConfig
 from .cuda_graphs import CUDAGraphEncoder
+from .encode import load_features
 from .image import smart_resize
 from .model import NativeViT
 from .packing import PackedBatch, Segments, cu_seqlens_from_grid
@@ -28,6 +29,7 @@ __all__ = [
     "VisionConfig",
     "cu_seqlens_from_grid",
     "from_timm",
+    "load_features",
     "ops",
     "smart_resize",
     "strategies",
