@@ -11,6 +11,7 @@ from .config import VisionConfig
 from .cuda_graphs import CUDAGraphEncoder
 from .encode import load_features
 from .image import smart_resize
+from .integrations import from_transformers, swap_vision_tower
 from .model import NativeViT
 from .packing import PackedBatch, Segments, cu_seqlens_from_grid
 from .preprocess import ImageProcessor
@@ -29,8 +30,10 @@ __all__ = [
     "VisionConfig",
     "cu_seqlens_from_grid",
     "from_timm",
+    "from_transformers",
     "load_features",
     "ops",
     "smart_resize",
     "strategies",
+    "swap_vision_tower",
 ]
