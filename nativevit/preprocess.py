@@ -259,6 +259,24 @@ class ImageProcessor:
             )
         return h, w
 
+    def tower_views(self, images, *, tower=None, patch_size=None, image_mean=None, image_std=None):
+        """This processor's strategy views in the form a CLIP / SigLIP / InternViT tower takes: normalised
+        ``(3, H, W)`` float32 images, the tower's patch size and mean/std (``tower``: an encoder from
+        ``nv.from_transformers``), returned as ``nativevit.integrations.TowerViews`` (``.images``,
+        ``.split``). Needs ``ImageProcessor(strategy=...)``."""
+        if self.strategy is None:
+            raise ValueError("tower_views needs ImageProcessor(strategy=...)")
+        from .integrations.views import tower_views
+
+        return tower_views(
+            images,
+            self.strategy,
+            tower=tower,
+            patch_size=patch_size,
+            image_mean=image_mean,
+            image_std=image_std,
+        )
+
     def grid_for(self, height: int, width: int) -> tuple[int, int, int]:
         """``(1, h, w)`` patch grid of a still image of ``height x width`` px: ``h * w`` patch rows, and
         ``h * w // merge_size**2`` output tokens."""

@@ -255,3 +255,24 @@ def test_views_arguments():
         tower_views([_image(2, 50)], "llava15")
     with pytest.raises(ValueError, match="got 1 outputs for 2 views"):
         tower_views([_image(50, 50), _image(60, 40)], "llava15").split([0])
+
+
+def test_processor_strategy_views_for_a_tower():
+    """ImageProcessor(strategy=...) gives its views in the tower's own form, equal to tower_views."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (300, 500, 3), dtype=np.uint8),
+        rng.integers(0, 256, (90, 60, 3), dtype=np.uint8),
+    ]
+    proc = nv.ImageProcessor(strategy="llava_next")
+    views = proc.tower_views(images, patch_size=14, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    ref = nv.integrations.tower_views(
+        images, "llava_next", patch_size=14, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)
+    )
+    assert len(views.images) == len(ref.images) > 2
+    for a, b in zip(views.images, ref.images):
+        assert a.shape[0] == 3 and a.shape[1] % 14 == 0 and torch.equal(a, b)
+    with pytest.raises(ValueError, match="strategy"):
+        nv.ImageProcessor().tower_views(images)
