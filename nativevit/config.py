@@ -512,6 +512,11 @@ class VisionConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``vision_config`` dict in the field names of this family's releases."""
         fam = self.family
+        if self.norm_eps != 1e-6:
+            raise ValueError(
+                f"a {self.model_type} release cannot describe norm_eps={self.norm_eps}: its config has no "
+                "such field (the releases' norms use 1e-6)"
+            )
         if (self.norm_type, self.mlp_type, self.patch_bias) != (fam.norm, fam.mlp_type, fam.patch_bias):
             raise ValueError(
                 f"a {self.model_type} release cannot describe norm_type={self.norm_type!r}, "
@@ -539,8 +544,7 @@ class VisionConfig:
             fam.merger_width_field: self.out_hidden_size,
         }
         if fam.mlp_width_field == "mlp_ratio":
-            ratio = self.mlp_hidden_dim / self.embed_dim
-            out["mlp_ratio"] = int(ratio) if float(ratio).is_integer() else ratio
+            out["mlp_ratio"] = _exact_ratio(self.mlp_hidden_dim, self.embed_dim)
         else:
             out[fam.mlp_width_field] = self.mlp_hidden_dim
         for part, names in _PART_FIELDS.items():
@@ -549,3 +553,16 @@ class VisionConfig:
                     value = getattr(self, name)
                     out[name] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def _exact_ratio(hidden: int, dim: int) -> int | float:
+    """``mlp_ratio`` such that ``int(dim * mlp_ratio) == hidden``, as transformers and ``mlp_hidden_dim``
+    compute the width (``hidden / dim`` itself can land just below: 28 * (61 / 28) = 60.99...)."""
+    if hidden % dim == 0:
+        return hidden // dim
+    ratio = hidden / dim
+    for _ in range(8):
+        if int(dim * ratio) == hidden:
+            return ratio
+        ratio = math.nextafter(ratio, math.inf)
+    raise ValueError(f"no float mlp_ratio gives an MLP width of {hidden} at embed_dim {dim}")
