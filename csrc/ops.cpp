@@ -13,6 +13,15 @@
 //   cpu_isa() -> str
 //       which CPU attention microkernels this machine runs ("avx512", "avx512_bf16", "generic").
 //
+// max_seqlen is a SymInt in the schemas, so torch.compile(dynamic=True) keeps it symbolic (an `int`
+// would be specialised: one graph per value); the kernels still take int64_t (a SymInt argument is
+// always concrete by the time a CPU or CUDA kernel runs).
+//
+// NaN and inf: every segment gets what SDPA's math gives for it alone (the rule of every backend,
+// nativevit/backends/reference.py): a row with a NaN or +inf score is NaN (a NaN query row, every row
+// of a segment with a NaN key), -inf scores weigh 0, a row whose every score is -inf is 0, a NaN or
+// inf value reaches its column; other segments are never affected.
+//
 // Kernels: cpu/ (CPU), cuda/ (CUDA, registered by cuda/ops.cpp when built with a toolkit). Both
 // check only what keeps them in bounds (checks.h); user-facing validation is the public ops' job.
 #include <Python.h>
@@ -32,9 +41,9 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY_FRAGMENT(nativevit, m) {
   m.def("cpp_rope2d(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse=False) -> (Tensor, Tensor)");
-  m.def("cpp_varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale) -> Tensor");
+  m.def("cpp_varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale) -> Tensor");
   m.def(
-      "cpp_varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+      "cpp_varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
       "float scale) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &nativevit::cpu::isa);
 }

@@ -17,7 +17,9 @@ cached in the Segments' per-batch cache; every layer then launches ``(n_work_ite
 programs. Skew costs nothing extra: one 16k image plus a hundred 64-token images launch
 ``16384/B + 100`` items, not ``101 * 16384/B``. Items are ordered longest segment first (the FA3
 scheduler's order) so the long programs start early and the short ones fill the tail.
-Zero-length segments have no items; one-token segments are one masked item.
+Zero-length segments have no items; one-token segments are one masked item. Under
+``torch.compile`` the lists must exist before the graph runs: ``varlen_attention_prepare`` (the
+backend's ``prepare`` hook, called by a model's plan) builds both directions' lists eagerly.
 
 Head dim: ``tl.arange`` and ``tl.dot`` need power-of-two extents, so the head dim is split as
 ``D = D0 + D1`` with ``D0`` the largest power of two <= D and ``D1`` the remainder rounded up to a
@@ -66,6 +68,7 @@ __all__ = [
     "varlen_attention",
     "varlen_attention_fwd",
     "varlen_attention_bwd",
+    "varlen_attention_prepare",
     "varlen_attention_ref",
     "varlen_attention_rejects",
     "work_items",
@@ -171,8 +174,11 @@ def _varlen_attn_fwd_kernel(
             s += _dot(q1, tl.trans(k1), UPCAST, PRECISION)
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        # exponentials against 0 while a row has seen only -inf scores (inf inputs): those keys weigh
+        # exp2(-inf) = 0, where exp2(-inf - -inf) = NaN would poison a row that SDPA's math keeps finite
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         p_lo = cast_rounded(p, v_ptr.dtype.element_ty, BF16_RTNE)
         v0 = _load_rows(v_ptr, rows_n, mask_n, stride_v_tok, head * stride_v_head, 0, D0, HEAD_DIM)
@@ -182,12 +188,15 @@ def _varlen_attn_fwd_kernel(
             acc1 = acc1 * alpha[:, None] + _dot(p_lo, v1, UPCAST, PRECISION)
         m_i = m_new
 
-    # Every item has >= 1 valid key (segments of the work list are non-empty), so l_i > 0.
+    # Every item has >= 1 valid key (segments of the work list are non-empty), so l_i >= 1 (the row
+    # maximum contributes exp2(0)) unless every score of the row is -inf: then l_i = 0 and acc = 0,
+    # and the row is 0 as in SDPA's math. A NaN score left l_i = NaN: a NaN row.
+    l_div = tl.where(l_i == 0.0, 1.0, l_i)
     o_off = head * stride_o_head
-    _store_rows(o_ptr, acc0 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, 0, D0, HEAD_DIM, BF16_RTNE)
+    _store_rows(o_ptr, acc0 / l_div[:, None], rows_m, mask_m, stride_o_tok, o_off, 0, D0, HEAD_DIM, BF16_RTNE)
     if D1 > 0:
         _store_rows(
-            o_ptr, acc1 / l_i[:, None], rows_m, mask_m, stride_o_tok, o_off, D0, D1, HEAD_DIM, BF16_RTNE
+            o_ptr, acc1 / l_div[:, None], rows_m, mask_m, stride_o_tok, o_off, D0, D1, HEAD_DIM, BF16_RTNE
         )
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(lse_ptr + head * stride_lse_head + rows_m, lse, mask=mask_m)
@@ -394,22 +403,51 @@ def _config(head_dim: int, dtype: torch.dtype, arch: int) -> tuple[LaunchConfig,
     return LaunchConfig(128, 32, 8, 2), bwd
 
 
+def _build_work_list(lengths: tuple[int, ...], block: int, device: torch.device) -> torch.Tensor:
+    """The work list of :func:`work_items` from host lengths: plain Python, one item per block."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep batch order
+    items = [(s, b) for s in order for b in range(-(-lengths[s] // block))]
+    work = torch.tensor(items, dtype=torch.int32).view(-1, 2).to(device)
+    if not torch.compiler.is_compiling():  # built eagerly (prepare), then read by compiled code:
+        # its length is unrelated to every other size, so keep torch.compile from assuming it equals
+        # one that happened to match in the first batch (duck sizing), which would recompile later
+        torch._dynamo.decorators.mark_unbacked(work, 0)
+    return work
+
+
 def work_items(segments: Segments, block: int) -> torch.Tensor:
     """``(n_items, 2)`` int32 ``(segment, block index)`` on the segments' device, longest segment first.
 
     Built from the host lengths once per (batch, block size) and kept in the Segments' per-batch
-    cache, so the layers of one forward (and its backward) share one upload and never sync.
+    cache, so the layers of one forward (and its backward) share one upload and never sync. Under
+    ``torch.compile`` only a prebuilt list is read (:func:`varlen_attention_prepare` builds them
+    eagerly); segments with no host lengths (raw ``cu_seqlens`` under compile) raise ``RuntimeError``.
     """
     device = segments.device
+    key = ("nativevit.kernels.varlen_attention.work", block, device)
+    if segments.lengths is None:  # Segments.traced: device offsets only, and a cache of their own
+        raise RuntimeError(_NO_HOST_LENGTHS)
+    return segments.cached(key, lambda: _build_work_list(segments.lengths, block, device))
 
-    def build() -> torch.Tensor:
-        # plain Python over host ints: cheap (one item per block) and traceable by torch.compile
-        lengths = segments.lengths
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep batch order
-        items = [(s, b) for s in order for b in range(-(-lengths[s] // block))]
-        return torch.tensor(items, dtype=torch.int32).view(-1, 2).to(device)
 
-    return segments.cached(("nativevit.kernels.varlen_attention.work", block, device), build)
+_NO_HOST_LENGTHS = (
+    "the triton attention backend schedules its programs from the host lengths of the segments, and raw "
+    "cu_seqlens under torch.compile have none: build the batch's Segments outside the compiled code "
+    "(nativevit.Segments(lengths, device), or NativeViT's plan), call "
+    "nativevit.ops.resolve_backend('attention', 'triton', q).prepare(segments, q) on them, and pass the "
+    "Segments to varlen_attention instead of cu_seqlens (a NativeViT model does all of this itself)"
+)
+
+
+def varlen_attention_prepare(segments: Segments, like: torch.Tensor) -> None:
+    """``Backend.prepare`` of the ``triton`` attention backend: build (eagerly, into ``segments.cached``)
+    the forward and backward work lists that :func:`varlen_attention` will read for inputs like ``like``
+    (``(tokens, heads, head_dim)``, any token count: only its dtype, head dim and device choose the
+    launch configuration). A batch's plan calls it before the compiled blocks run, so compiled code
+    never builds a work list (that would read host lengths inside the graph)."""
+    fwd, bwd = _config(like.shape[-1], like.dtype, _arch(like.device))
+    for block in {fwd.block, bwd.block}:
+        work_items(segments, block)
 
 
 def varlen_attention_rejects(x: torch.Tensor) -> str | None:

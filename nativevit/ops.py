@@ -84,6 +84,12 @@ def varlen_attention(
 
     Returns ``(total, heads, head_dim)`` in the dtype of ``q``.
 
+    NaN and inf: every backend gives each segment what SDPA's math gives for that segment alone, and
+    never touches another segment's rows: a row with a NaN or +inf score is NaN (a NaN query row; every
+    row of a segment with a NaN key), a key scoring -inf weighs 0, a row whose every score is -inf is 0,
+    and a NaN or inf value reaches its column of every row of its segment (details and the CUDA limits
+    of ``torch``/``padded``: ``nativevit.backends.reference``).
+
     Under ``torch.compile`` the host-side checks (the contents of ``cu_seqlens``, its device, the
     row count of ``Segments``, ``scale``) are skipped, so nothing reads ``cu_seqlens`` inside the graph:
     pass ``max_seqlen`` as an int there. The tensor checks (shapes, dtypes, strides) still run.

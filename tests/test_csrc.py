@@ -305,6 +305,31 @@ def test_opcheck():
     )
 
 
+def test_max_seqlen_is_symbolic_under_compile():
+    """``SymInt max_seqlen`` in both schemas: a batch with a new longest segment reuses the graph (an
+    ``int`` would be specialised, one graph per value), forward and backward."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    for op in (torch.ops.nativevit.cpp_varlen_attention, torch.ops.nativevit.cpp_varlen_attention_bwd):
+        assert "SymInt max_seqlen" in str(op.default._schema), op.default._schema
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def attend(q, k, v, cu, max_seqlen):
+        return torch.ops.nativevit.cpp_varlen_attention(q, k, v, cu, max_seqlen, 0.25)
+
+    compiled = torch.compile(attend, backend=counter, dynamic=True, fullgraph=True)
+    for seed, lengths in enumerate([[3, 5], [7, 2], [1, 11], [6, 6]]):
+        q, k, v, seg = kc.qkv(lengths, 2, 16, torch.float32, seed=seed, strided=False)
+        q.requires_grad_()
+        out = compiled(q, k, v, seg.cu_seqlens, seg.max_seqlen)
+        (dq,) = torch.autograd.grad(out.sum(), q)
+        ref = varlen_attention_ref(q, k, v, seg, 0.25)
+        (dq_ref,) = torch.autograd.grad(ref.sum(), q)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dq, dq_ref, rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for 4 values of max_seqlen"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_encoder_cpu_backend_equals_torch(dtype):
     cfg = nv.VisionConfig.tiny()

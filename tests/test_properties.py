@@ -292,9 +292,6 @@ def test_rope_backends_match_fp64(
         what += f", {total} tokens"
         if assert_refused("rope", name, q, lambda n=name: nv.ops.apply_rope_2d(q, k, cos, sin, backend=n)):
             continue
-        if name == "cpu" and empty_strided_rope_bug(q, k):  # test_known_bug_cpu_rope_empty_strided
-            event("known bug: cpu rope, empty input with last-dim stride != 1")
-            continue
         outs, grads = run(lambda *a, n=name: nv.ops.apply_rope_2d(*a, backend=n))
         for label, a, b, r, x, factor in zip(
             ("q_rot", "k_rot", "dq", "dk"),
@@ -315,20 +312,8 @@ def test_rope_backends_match_fp64(
             assert err <= bound, f"{label} of {what}: max err {err:.3e} > bound {bound:.3e} from fp32 math"
 
 
-def empty_strided_rope_bug(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Known bug (test_known_bug_cpu_rope_empty_strided): the ``cpu`` rope backend refuses an empty q or
-    k whose last-dim stride is not 1 (``.contiguous()`` keeps the strides of an empty tensor)."""
-    return q.shape[0] == 0 and (q.stride(-1) != 1 or k.stride(-1) != 1)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: apply_rope_2d(backend='cpu') on 0 tokens with a last-dim stride != 1 raises "
-    "'cpp_rope2d: q must have stride 1 in its last dimension' (the op allows any last-dim stride; "
-    "csrc_rope's x.contiguous() is a no-op on an empty tensor, which counts as contiguous). When fixed, "
-    "drop this marker and the skip in test_rope_backends_match_fp64.",
-)
-def test_known_bug_cpu_rope_empty_strided():
+def test_cpu_rope_takes_empty_strided_inputs():
+    """Regression: .contiguous() keeps an empty tensor's strides, which the cpu kernel once refused."""
     q = torch.zeros(0, 1, 32)[..., ::2]
     q_rot, k_rot = nv.ops.apply_rope_2d(q, q, torch.zeros(0, 8), torch.zeros(0, 8), backend="cpu")
     assert q_rot.shape == k_rot.shape == (0, 1, 16)

@@ -5,7 +5,10 @@
 // longest segments first, pulled from an atomic counter by every thread: one long image and many
 // small ones keep all cores busy. Per item and key block of kBlockN keys: S = Q K^T (microkernel),
 // online softmax in fp32 (running max and sum per row), O = alpha O + P V (microkernel, P in the
-// input dtype as FlashAttention does), finally O / l. Takes float32 and bfloat16.
+// input dtype as FlashAttention does), finally O / l. Takes float32 and bfloat16. NaN and inf give
+// what SDPA's math gives per segment: a NaN or +inf score makes its row NaN (exp(NaN) stays NaN in
+// microkernels.h), -inf scores weigh 0 (a row whose scores are all -inf so far sums zeros, not
+// exp(-inf - -inf) = NaN), and a row with no score above -inf is 0.
 //
 // Backward: recomputed per segment with torch's fused CPU flash attention (forward for out and
 // logsumexp, then its backward); reads cu_seqlens on the host once.
@@ -132,7 +135,8 @@ void varlen_attention_cpu_kernel(const at::Tensor& q, const at::Tensor& k, const
             float m_new;
             const float sum = softmax_row(isa, s_buf.data() + r * kBlockN, keys_pad, keys, scale, m_buf[r],
                                           p_buf.data() + r * kBlockN, &m_new);
-            a_buf[r] = std::exp(m_buf[r] - m_new);  // 0 on the first block
+            // rescale of what was summed against softmax_ref(m_old): 0 on the first block (m_old = -inf)
+            a_buf[r] = std::exp(m_buf[r] - softmax_ref(m_new));
             l_buf[r] = l_buf[r] * a_buf[r] + sum;
             m_buf[r] = m_new;
           }
@@ -143,7 +147,9 @@ void varlen_attention_cpu_kernel(const at::Tensor& q, const at::Tensor& k, const
         }
         for (int64_t r = 0; r < rows; ++r) {
           T* orow = od + ((start + it.q0 + r) * heads + it.head) * head_dim;
-          const float inv_l = 1.f / l_buf[r];  // l >= 1: the row maximum contributes exp(0)
+          // l >= 1 (the row maximum contributes exp(0)) unless every score of the row is -inf: then
+          // l = 0 and O = 0, and the row is 0 as in SDPA's math (a NaN score left l = NaN)
+          const float inv_l = l_buf[r] == 0.f ? 0.f : 1.f / l_buf[r];
           for (int64_t d = 0; d < head_dim; ++d) orow[d] = static_cast<T>(o_buf[r * dv + d] * inv_l);
         }
       }

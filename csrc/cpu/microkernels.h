@@ -37,6 +37,10 @@ namespace nativevit::cpu {
 
 constexpr int64_t kRows = 4;  // query rows per microkernel call
 
+// The reference the exponentials of a row are taken against: its running max, or 0 while that is
+// -inf (every score so far -inf: weights exp(-inf) = 0, where exp(-inf - -inf) would be NaN).
+inline float softmax_ref(float m) { return m == -std::numeric_limits<float>::infinity() ? 0.f : m; }
+
 enum class Isa { kGeneric, kAvx512 };
 
 inline bool cpu_has_avx512() {
@@ -250,9 +254,11 @@ NV_AVX512_BF16 void pv_bf16_avx512(const c10::BFloat16* p, int64_t ldp, const c1
 }
 
 // exp(x) for x <= ~88: Cephes-style range reduction x = n ln2 + r, degree-6 polynomial on
-// |r| <= ln2/2 (about 1 ulp), 2^n applied with vscalefps so large negative x flush to 0.
+// |r| <= ln2/2 (about 1 ulp), 2^n applied with vscalefps so large negative x flush to 0 (exactly 0
+// for x <= -104, -inf included). exp(NaN) is NaN: vmaxps returns its second operand when either is
+// NaN, so x goes second (the other order turned a NaN score into weight 0: a NaN key was dropped).
 NV_AVX512 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -286,8 +292,9 @@ NV_AVX512_BF16 inline __m512 exp_store(const float* s, T* p, __m512 vscale, __m5
   return e;
 }
 
-// One row of the online softmax: p = exp(s * scale - m_new) for the first `valid` of `width`
-// columns (0 beyond), written in the P dtype; returns the sum of the written values and the new max.
+// One row of the online softmax: p = exp(s * scale - softmax_ref(m_new)) for the first `valid` of
+// `width` columns (0 beyond), written in the P dtype; returns the sum of the written values and the
+// new max. A NaN score gives p = NaN (so the row's sum and output are NaN), whatever the max is.
 // Two vectors per iteration with separate accumulators: one dependency chain halved the throughput.
 template <typename T>
 NV_AVX512_BF16 float softmax_row_avx512(const float* s, int64_t width, int64_t valid, float scale, float m_old,
@@ -305,7 +312,7 @@ NV_AVX512_BF16 float softmax_row_avx512(const float* s, int64_t width, int64_t v
     vmax0 = _mm512_mask_max_ps(vmax0, valid_mask(valid, j), vmax0, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
   }
   const float m_new = std::max(m_old, _mm512_reduce_max_ps(_mm512_max_ps(vmax0, vmax1)));
-  const __m512 vm = _mm512_set1_ps(m_new);
+  const __m512 vm = _mm512_set1_ps(softmax_ref(m_new));
   __m512 vsum0 = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
   for (j = 0; j + 32 <= width; j += 32) {
     vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale, vm, valid_mask(valid, j)));
@@ -322,9 +329,10 @@ float softmax_row_generic(const float* s, int64_t width, int64_t valid, float sc
                           float* m_new_out) {
   float m_new = m_old;
   for (int64_t j = 0; j < valid; ++j) m_new = std::max(m_new, s[j] * scale);
+  const float m_ref = softmax_ref(m_new);
   float sum = 0.f;
   for (int64_t j = 0; j < width; ++j) {
-    const T e = static_cast<T>(j < valid ? std::exp(std::fma(s[j], scale, -m_new)) : 0.f);
+    const T e = static_cast<T>(j < valid ? std::exp(std::fma(s[j], scale, -m_ref)) : 0.f);
     p[j] = e;
     sum += static_cast<float>(e);
   }

@@ -5,7 +5,9 @@
 // softmax (running max m, running sum l, fp32 accumulator) over them, key by key. Segments come from
 // cu_seqlens on the device: no mask is built and nothing crosses a segment boundary. Rows beyond
 // gridDim.x * kThreads (a max_seqlen that undercounts) are covered by a grid-stride loop, and every
-// global index is checked against the segment and the token count.
+// global index is checked against the segment and the token count. NaN and inf give what SDPA's math
+// gives per segment: a NaN or +inf score makes its row NaN, -inf scores weigh 0, a row with no score
+// above -inf is 0; another segment's rows are never touched.
 #include <math_constants.h>
 
 #include "common.cuh"
@@ -66,9 +68,12 @@ __global__ void varlen_attention_fwd_kernel(const T* __restrict__ q, int64_t str
 #pragma unroll
             for (int d = 0; d < HEAD_DIM_MAX; ++d) dot += q_row[d] * k_tile[j][d];
             const float s = dot * scale;
-            const float m_new = fmaxf(m, s);
-            const float correction = expf(m - m_new);  // 0 for the first key (m = -inf)
-            const float p = expf(s - m_new);
+            const float m_new = fmaxf(m, s);  // fmaxf skips a NaN score; its p below is NaN all the same
+            // exponentials against m_new, or against 0 while every score so far is -inf: those keys
+            // weigh exp(-inf) = 0 (exp(-inf - -inf) would be NaN and poison a row math keeps finite)
+            const float m_ref = m_new == -CUDART_INF_F ? 0.f : m_new;
+            const float correction = expf(m - m_ref);  // 0 until a score above -inf (m = -inf)
+            const float p = expf(s - m_ref);
             l = l * correction + p;
 #pragma unroll
             for (int d = 0; d < HEAD_DIM_MAX; ++d) acc[d] = acc[d] * correction + p * v_tile[j][d];
@@ -78,7 +83,9 @@ __global__ void varlen_attention_fwd_kernel(const T* __restrict__ q, int64_t str
       }
       if (active) {
         T* o = out + ((start + row) * heads + head) * head_dim;
-        const float inv_l = 1.f / l;  // l >= 1: the row maximum contributes exp(0)
+        // l >= 1 (the row maximum contributes exp(0)) unless every score of the row is -inf: then
+        // l = 0 and acc = 0, and the row is 0 as in SDPA's math (a NaN score left l = NaN)
+        const float inv_l = l == 0.f ? 0.f : 1.f / l;
 #pragma unroll
         for (int d = 0; d < HEAD_DIM_MAX; ++d) {
           if (d < head_dim) o[d] = from_float<T>(acc[d] * inv_l);

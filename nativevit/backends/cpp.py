@@ -9,7 +9,9 @@ implementations for ``torch.compile`` and ``opcheck``, and autograd:
 * ``nativevit::cpp_varlen_attention``: the backward is ``nativevit::cpp_varlen_attention_bwd``, a
   recompute per segment from q, k, v: on CPU torch's fused flash-attention forward + backward, on
   CUDA ATen matmuls in fp32 (exact, not fused; query-chunked so the score tile stays bounded). It
-  reads ``cu_seqlens`` on the host once.
+  reads ``cu_seqlens`` on the host once. ``max_seqlen`` is a ``SymInt`` in both schemas, so
+  ``torch.compile(dynamic=True)`` keeps it symbolic (no graph per value); the fakes and the autograd
+  formula only pass it on.
 
 The C++ ops check only what keeps them in bounds; inputs are validated by the public ops.
 
@@ -170,10 +172,9 @@ def csrc_rope(
     ``q``, ``k``: ``(total, heads_q, head_dim)``, ``(total, heads_k, head_dim)`` of one dtype;
     ``cos``, ``sin``: ``(total, head_dim // 2)`` float32. Returns ``(q_rot, k_rot)``, same shapes and dtype.
     """
-    if k.dtype != q.dtype:  # what ``rejects`` (which sees q only) cannot say
-        raise TypeError(f"the csrc rope kernels need q and k of one dtype, got {q.dtype} and {k.dtype}")
-    # the public op allows any last-dim stride; the kernels read rows with unit stride
-    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+    # the public op allows any last-dim stride; the kernels read rows with unit stride (an empty tensor
+    # counts as contiguous whatever its strides, so .contiguous() would keep them: copy instead)
+    q, k = (x if x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format) for x in (q, k))
     return torch.ops.nativevit.cpp_rope2d(q, k, cos, sin, False)
 
 

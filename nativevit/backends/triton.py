@@ -7,6 +7,10 @@ registered and an explicit request says why it cannot run.
 The kernels are registered as ``torch.library`` custom ops in the ``nativevit`` namespace, prefixed
 ``triton_`` (``triton_rope2d``, ``triton_rope2d_``, ``triton_varlen_attention_fwd``,
 ``triton_varlen_attention_bwd``) beside the C++ ops (``cpp_*``, ``nativevit.backends.cpp``).
+
+The attention kernels launch one program per block of every segment, from work lists built on the
+host per batch; the backend's ``prepare`` builds them eagerly (a model's plan calls it), so code
+compiled by ``torch.compile`` only reads them.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ if _IMPORT_ERROR is None:
             varlen_attention.varlen_attention,
             _unavailable,
             varlen_attention.varlen_attention_rejects,
+            prepare=varlen_attention.varlen_attention_prepare,
         ),
     )
     register_backend("rope", Backend("triton", rope2d.rope2d, _unavailable, rope2d.rope2d_rejects))

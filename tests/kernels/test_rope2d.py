@@ -152,7 +152,7 @@ def test_rejects_bad_input():
         rope(odd, odd)
     with pytest.raises(RuntimeError, match="cannot run.*fp16/bf16/fp32"):
         rope(q.double(), q.double())
-    with pytest.raises(TypeError, match="same dtype"):
+    with pytest.raises(TypeError, match="q and k must have one dtype"):
         rope(q, q.half())
     with pytest.raises(ValueError, match="differ in tokens"):
         rope(q, q[:3])
