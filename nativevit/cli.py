@@ -1,4 +1,4 @@
-"""Command line: ``nativevit bench | profile | tokens``.
+"""Command line: ``nativevit bench | profile | tokens | encode``.
 
 Exit status: 0 when the work was done and its results written, 2 for bad arguments (one line, as
 argparse reports them), 1 when the work failed (one line saying why; no traceback for user errors).
@@ -24,6 +24,7 @@ from .bench.args import (
 from .bench.encoder import MODELS
 from .bench.env import DTYPES
 from .bench.images import IMAGE_SETS
+from .encode import add_encode_arguments
 
 BENCH_PRESETS = {
     # name: (depth, image sets, warmup, iters)
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_profile(sub)
     _add_tokens(sub)
+    add_encode_arguments(sub.add_parser("encode", help="precompute native-resolution features of a dataset"))
     return parser
 
 
