@@ -28,7 +28,7 @@ from nativevit.bench.args import (
     write_results,
 )
 from nativevit.bench.images import KERNEL_MIX
-from nativevit.bench.kernels import KernelRun, check_backends, mix_case, run_kernels, sweep_cases
+from nativevit.bench.kernels import KernelRun, check_impls, mix_case, run_kernels, sweep_cases
 
 FULL = {"total": 16384, "seqlens": [256, 512, 1024, 2048, 4096, 8192, 16384], "warmup": 2, "iters": 10}
 QUICK = {"total": 1024, "seqlens": [64, 256, 1024], "warmup": 1, "iters": 1}
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
     if args.backends is not None:
         try:
-            check_backends("attention", args.backends)
+            check_impls("attention", args.backends, peers=False)
         except ValueError as e:
             p.error(f"argument --backends: {e}")
     cases = sweep_cases(opt["seqlens"], opt["total"]) + ([] if args.no_mixed else [mix_case(KERNEL_MIX)])
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.heads,
         head_dim=args.head_dim,
         cases=cases,
-        backends=args.backends,
+        impls=args.backends,
         backward=not args.no_backward,
         warmup=opt["warmup"],
         iters=opt["iters"],

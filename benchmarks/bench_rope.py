@@ -27,7 +27,7 @@ from nativevit.bench.args import (
     write_results,
 )
 from nativevit.bench.images import KERNEL_MIX
-from nativevit.bench.kernels import KernelRun, check_backends, mix_case, run_kernels, total_cases
+from nativevit.bench.kernels import KernelRun, check_impls, mix_case, run_kernels, total_cases
 
 FULL = {"totals": [1024, 4096, 16384, 65536], "warmup": 3, "iters": 20}
 QUICK = {"totals": [1024, 4096], "warmup": 1, "iters": 3}
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
     if args.backends is not None:
         try:
-            check_backends("rope", args.backends)
+            check_impls("rope", args.backends, peers=False)
         except ValueError as e:
             p.error(f"argument --backends: {e}")
     cases = total_cases(opt["totals"]) + ([] if args.no_mixed else [mix_case(KERNEL_MIX)])
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.heads,
         head_dim=args.head_dim,
         cases=cases,
-        backends=args.backends,
+        impls=args.backends,
         backward=not args.no_backward,
         warmup=opt["warmup"],
         iters=opt["iters"],

@@ -1,5 +1,6 @@
-"""Plots from results CSVs (``nativevit.bench.plot``): each ``<hardware>-encoder.csv`` under
-``--results`` gets a ``.png`` beside it (the newest run of each case wins).
+"""Plots from results CSVs (``nativevit.bench.plot``): every ``<hardware>-encoder.csv``,
+``-strategies.csv``, ``-packing.csv`` and ``-kernels.csv`` under ``--results`` gets a ``.png`` beside
+it (the newest run of each case wins).
 
     python benchmarks/plot_results.py                                 # ./nativevit-results
     python benchmarks/plot_results.py --results benchmarks/results    # the committed results
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from nativevit.bench.args import ArgumentParser, run_guarded
-from nativevit.bench.plot import plot_encoder
+from nativevit.bench.plot import PLOTS, plot_folder
 from nativevit.bench.results import DEFAULT_OUT
 
 
@@ -30,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"argument --results: no folder {str(args.results)!r}")
 
     def work():
-        paths = sorted(args.results.glob("*-encoder.csv"))
-        if not paths:
-            raise ValueError(f"no *-encoder.csv in {args.results}")
-        for path in paths:
-            print("wrote", plot_encoder(path))
+        written, skipped = plot_folder(args.results)
+        for why in skipped:
+            print("skipped:", why)
+        if not written:
+            raise ValueError(
+                f"no results CSV with a plot ({', '.join('*' + s for s in PLOTS)}) in {args.results}"
+            )
+        for path in written:
+            print("wrote", path)
 
     return run_guarded("plot_results", work)
 

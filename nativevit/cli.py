@@ -1,4 +1,4 @@
-"""Command line: ``nativevit bench | profile | tokens | encode``.
+"""Command line: ``nativevit bench | profile | kernels | tokens | encode``.
 
 Exit status: 0 when the work was done and its results written, 2 for bad arguments (one line, as
 argparse reports them), 1 when the work failed (one line saying why; no traceback for user errors).
@@ -13,15 +13,18 @@ from pathlib import Path
 from .bench.args import (
     ArgumentParser,
     add_device_argument,
+    add_images_argument,
+    add_model_arguments,
     add_out_argument,
     check_attention_backend,
     check_out_dir,
+    image_choice,
+    model_choice,
     nonneg_int,
     positive_int,
     run_guarded,
     write_results,
 )
-from .bench.encoder import MODELS
 from .bench.env import DTYPES
 from .bench.images import IMAGE_SETS
 from .encode import add_encode_arguments
@@ -32,6 +35,17 @@ BENCH_PRESETS = {
     "default": (2, ("seed",), 0, 1),
     "full": (32, tuple(IMAGE_SETS), 1, 3),
 }
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+
+
+def _plot(plot, path: Path) -> None:
+    """Write the plot of ``path`` beside it; without matplotlib say so (the CSV is the result)."""
+    try:
+        print(f"plot written to {plot(path).resolve()}")
+    except RuntimeError as e:
+        if "matplotlib" not in str(e):
+            raise
+        print(f"no plot: {e}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -40,34 +54,36 @@ BENCH_PRESETS = {
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="packed vs padded encoder on built-in mixed-resolution image sets",
-        description="Packed vs padded encoder (same weights, same images, one process), with the work "
-        "ratio from the FLOP model and the torch.mm roofline; results appended to "
-        "<out>/<hardware>-encoder.csv.",
+        help="packed vs padded encoder on mixed-resolution image sets (built-in or your own)",
+        description="Packed vs padded encoder (same weights, same images, one process, interleaved rounds), "
+        "with the work ratio from the FLOP model and the torch.mm roofline; --compile adds the packed "
+        "encoder under torch.compile(dynamic=True). Results appended to <out>/<hardware>-encoder.csv.",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="1 block, seed images, 1 run (a smoke test)")
     g.add_argument("--full", action="store_true", help="the 32-block tower on every image set, median of 3")
-    p.add_argument("--depth", type=positive_int, help="blocks (default 2, --quick 1, --full 32)")
+    add_model_arguments(p, default_depth=2)
     p.add_argument(
-        "--model",
-        choices=MODELS,
-        default="qwen2_vl",
-        help="tower: a family's widths at --depth blocks, with its image processor; tiny: a width-64 "
-        "test tower",
+        "--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32"], help="one or more (default fp32)"
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     add_device_argument(p)
-    p.add_argument("--images", nargs="+", choices=sorted(IMAGE_SETS), help="image sets (default: seed)")
+    add_images_argument(p, default=["seed"])
     p.add_argument("--backend", default="auto", help="attention backend of the packed mode (default auto)")
-    p.add_argument("--max-pixels", type=positive_int, default=28 * 28 * 1280, help="processor max_pixels")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="processor max_pixels")
     p.add_argument(
         "--warmup",
         type=nonneg_int,
-        help="untimed runs per mode (default 0; a small warm-up batch always runs first)",
+        help="untimed rounds per mode (default 0; a small warm-up batch always runs first)",
     )
     p.add_argument("--iters", type=positive_int, help="timed rounds, modes interleaved; medians reported")
     p.add_argument("--compare", choices=["transformers"], help="also time transformers' Qwen2-VL tower")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the packed encoder under torch.compile(model, dynamic=True): compiled after a "
+        "warm-up on two other batches (compile time reported apart), recompiles during the timed rounds "
+        "counted",
+    )
     add_out_argument(p)
     p.add_argument("--no-csv", action="store_true", help="print only, write no CSV")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -75,46 +91,53 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench.encoder import DEFAULT_MAX_PIXELS, EncoderRun, model_config, run_encoder
+    from .bench.encoder import EncoderRun, run_encoder
 
     p = args.parser
     preset = "quick" if args.quick else "full" if args.full else "default"
     depth, sets, warmup, iters = BENCH_PRESETS[preset]
-    depth = depth if args.depth is None else args.depth
-    cfg = model_config(args.model, depth)
+    cfg, model, depth, checkpoint = model_choice(p, args, default_depth=depth)
     if args.compare == "transformers" and cfg.model_type != "qwen2_vl":
-        p.error("--compare transformers times the Qwen2-VL tower only; use --model qwen2_vl")
+        p.error("--compare transformers times the Qwen2-VL tower only; use a qwen2_vl model")
     if not args.no_csv:
         check_out_dir(p, args.out)
-    try:
-        check_attention_backend(
-            args.backend,
-            device=args.device,
-            dtype=DTYPES[args.dtype],
-            heads=cfg.num_heads,
-            head_dim=cfg.head_dim,
-        )
-    except ValueError as e:
-        p.error(f"argument --backend: {e}")
+    images = image_choice(p, args.images or sets)
+    dtypes = list(dict.fromkeys(args.dtype))
+    for dtype in dtypes:
+        try:
+            check_attention_backend(
+                args.backend,
+                device=args.device,
+                dtype=DTYPES[dtype],
+                heads=cfg.num_heads,
+                head_dim=cfg.head_dim,
+            )
+        except ValueError as e:
+            p.error(f"argument --backend: {e}")
     if not args.no_csv:
         args.out.mkdir(parents=True, exist_ok=True)  # fail before the run, not after it
-    modes = ("packed", "padded") + (("transformers",) if args.compare else ())
-    run = EncoderRun(
-        model=args.model,
-        depth=depth,
-        dtype=args.dtype,
-        device=str(args.device),
-        backend=args.backend,
-        sets=[(name, name, args.max_pixels) for name in (args.images or sets)],
-        modes=modes,
-        warmup=warmup if args.warmup is None else args.warmup,
-        iters=iters if args.iters is None else args.iters,
-        seed=args.seed,
-    )
+    modes = ("packed", "padded")
+    modes += ("transformers",) if args.compare else ()
+    modes += ("compiled",) if args.compile else ()
     label = preset if args.max_pixels == DEFAULT_MAX_PIXELS else f"{preset}, max_pixels {args.max_pixels}"
-    rows = run_encoder(run, benchmark="encoder", title=f"nativevit bench ({label})")
-    if not args.no_csv:
+    rows = []
+    for dtype in dtypes:
+        run = EncoderRun(
+            model=model,
+            depth=depth,
+            dtype=dtype,
+            device=str(args.device),
+            backend=args.backend,
+            sets=[(name, images_, args.max_pixels) for name, images_ in images],
+            modes=modes,
+            warmup=warmup if args.warmup is None else args.warmup,
+            iters=iters if args.iters is None else args.iters,
+            seed=args.seed,
+            checkpoint=checkpoint,
+        )
+        rows += run_encoder(run, benchmark="encoder", title=f"nativevit bench ({label})")
         print()
+    if not args.no_csv:
         write_results(args.out, "encoder", rows, device=args.device)
     return 0
 
@@ -124,76 +147,201 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "profile", help="one encoder forward under torch.profiler: per-op table + Chrome trace"
+        "profile",
+        help="encoder forwards under torch.profiler: per-module table (time, FLOPs, roofline), op table, "
+        "Chrome trace",
+        description="Encoder forwards under torch.profiler, with a range per module (patch embedding, each "
+        "block's attention and MLP, the mergers) in the Chrome trace; a per-module table of time, FLOPs "
+        "(the FLOP model) and achieved rate against the torch.mm roofline; peak memory; the op table. "
+        "All --images go into one batch. "
+        "Writes the trace and a JSON summary to --out and appends rows to <out>/<hardware>-profile.csv.",
     )
-    p.add_argument("--depth", type=positive_int, default=2, help="number of blocks")
-    p.add_argument("--model", choices=MODELS, default="qwen2_vl", help="tower (as in bench)")
+    add_model_arguments(p, default_depth=2)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     add_device_argument(p)
-    p.add_argument("--images", choices=sorted(IMAGE_SETS), default="seed")
-    p.add_argument("--max-pixels", type=positive_int, default=28 * 28 * 1280, help="processor max_pixels")
+    add_images_argument(p, default=["seed"])
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="processor max_pixels")
     p.add_argument("--backend", default="auto", help="attention backend ('padded' profiles the baseline)")
     p.add_argument(
-        "--trace",
-        type=Path,
-        default=Path("nativevit-trace.json"),
-        help="Chrome trace output file (parent folders are created)",
+        "--compile",
+        action="store_true",
+        help="profile torch.compile(model, dynamic=True), compiled and warmed up first (no time per module: "
+        "inductor fuses across modules)",
     )
-    p.add_argument("--rows", type=positive_int, default=20, help="ops in the table")
+    p.add_argument("--steps", type=positive_int, default=1, help="profiled forwards (default 1), averaged")
+    p.add_argument(
+        "--warmup", type=nonneg_int, default=1, help="profiler warm-up forwards, not recorded (default 1)"
+    )
+    p.add_argument("--rows", type=positive_int, default=20, help="ops in the op table")
+    add_out_argument(p, what="the Chrome trace, the JSON summary and <hardware>-profile.csv")
     p.set_defaults(func=run_profile, parser=p)
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from .bench.encoder import model_config
-    from .bench.images import image_set, synthetic_image
-    from .model import NativeViT
-    from .preprocess import ImageProcessor
+    from .bench.profile import ProfileRun, run_profile
 
     p = args.parser
-    device, dtype = args.device, DTYPES[args.dtype]
-    cfg = model_config(args.model, args.depth)
+    cfg, model, depth, checkpoint = model_choice(p, args, default_depth=2)
+    check_out_dir(p, args.out)
     try:
-        backend = check_attention_backend(
-            args.backend, device=device, dtype=dtype, heads=cfg.num_heads, head_dim=cfg.head_dim, packed=False
+        check_attention_backend(
+            args.backend,
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+            heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            packed=False,
         )
     except ValueError as e:
         p.error(f"argument --backend: {e}")
-    trace = args.trace
-    if trace.is_dir():
-        p.error(f"argument --trace: {str(trace)!r} is a folder; give a file name")
+    images = image_choice(p, args.images or ["seed"])
     try:  # fail before profiling, not after
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        trace.unlink(missing_ok=True)  # a stale trace must not pass for this run's
+        args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"cannot write the trace {str(trace)!r}: {e.strerror or e}") from None
-
-    layout = "padded" if args.backend == "padded" else "packed"
-    model = NativeViT(cfg, attn_backend="auto" if layout == "padded" else args.backend)
-    model = model.to(device=device, dtype=dtype).eval()
-    proc = ImageProcessor.for_model(cfg.model_type, max_pixels=args.max_pixels)
-    batch = proc(image_set(args.images))
-    warm = proc([synthetic_image(112, 112, seed=0)])
-    px = batch.pixel_values.to(device=device, dtype=dtype)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.inference_mode():
-        # one-time initialisation is not profiled
-        model(warm.pixel_values.to(device=device, dtype=dtype), warm.grid_thw, layout=layout)
-        with profile(activities=activities, record_shapes=True) as prof:
-            with record_function("nativevit.forward"):
-                model(px, batch.grid_thw, layout=layout)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(
-        f"{args.images}: {batch.num_tokens} patch tokens, {len(batch.cu_seqlens) - 1} segments, "
-        f"{args.model}, depth {args.depth}, {args.dtype}, {device}, backend {backend}"
+        raise OSError(f"cannot create the output folder {str(args.out)!r}: {e.strerror or e}") from None
+    run = ProfileRun(
+        model=model,
+        depth=depth,
+        checkpoint=checkpoint,
+        dtype=args.dtype,
+        device=str(args.device),
+        backend=args.backend,
+        compile=args.compile,
+        images=images,
+        max_pixels=args.max_pixels,
+        warmup=args.warmup,
+        steps=args.steps,
+        op_rows=args.rows,
     )
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
-    prof.export_chrome_trace(str(trace))
-    if not trace.is_file() or trace.stat().st_size == 0:
-        raise RuntimeError(f"the profiler wrote no Chrome trace at {trace}")
-    print(f"Chrome trace written to {trace.resolve()} (open in chrome://tracing or ui.perfetto.dev)")
+    result = run_profile(run, args.out)
+    write_results(args.out, "profile", result.rows, device=args.device)
+    return 0
+
+
+# ----------------------------------------------------------------------------- kernels
+
+KERNEL_PRESETS = {
+    # name: (dtypes, head dims, sets, max merged tokens per image, warmup, iters)
+    # the first call of each implementation (its error check, and FlexAttention's compilation) is untimed
+    # whatever --warmup says, so the quick run times straight away
+    "quick": (("fp32", "bf16"), (80,), ("seed", "mix-skewed"), 128, 0, 3),
+    "full": (
+        ("fp32", "bf16", "fp16"),
+        (64, 72, 80, 128),
+        (*IMAGE_SETS, "mix-uniform", "mix-skewed"),
+        1280,
+        2,
+        10,
+    ),
+}
+
+
+def _add_kernels(sub: argparse._SubParsersAction) -> None:
+    from .bench.kernels import MIXES, OPS
+    from .bench.peers import impl_names
+
+    p = sub.add_parser(
+        "kernels",
+        help="varlen attention and RoPE, forward and backward: our backends against the peers",
+        description="Varlen attention and 2D RoPE, forward and backward, through our backends and every peer "
+        "that runs on the device (SDPA per image, padded SDPA with a key-padding mask, FlexAttention with "
+        "a document BlockMask, torch varlen_attn, flash-attn, xformers), in one process with interleaved "
+        "rounds. Per row: median and min time, TFLOP/s, GB/s, fraction of the same-dtype torch.mm rate "
+        "of the run, max error against float64. Those that cannot run are listed with the reason. "
+        "Appends to <out>/<hardware>-kernels.csv and plots it.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a minute or two on a CPU: head dim 80, fp32 and bf16, the seed set (<= 128 merged tokens per "
+        "image) and a small skewed mix (1024 + 16 x 64), 3 rounds",
+    )
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument(
+        "--dtypes", nargs="+", choices=sorted(set(DTYPES) - {"fp64"}), help="default fp32 bf16 fp16"
+    )
+    p.add_argument("--head-dims", nargs="+", type=positive_int, help="default 64 72 80 128")
+    p.add_argument("--heads", type=positive_int, default=16)
+    p.add_argument(
+        "--sets",
+        nargs="+",
+        choices=[*IMAGE_SETS, *MIXES],
+        help="segment lengths: built-in image sets (one segment per frame) and mixes (mix-uniform: 16 x "
+        "1024; mix-skewed: 16384 + 32 x 256; smaller with --quick); default all",
+    )
+    p.add_argument(
+        "--max-pixels", type=positive_int, help="processor max_pixels of the image sets (default 28*28*1280)"
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        help="implementations (default every one that runs): "
+        + ", ".join(dict.fromkeys(impl_names("attention") + impl_names("rope"))),
+    )
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument(
+        "--warmup",
+        type=nonneg_int,
+        help="untimed rounds (2; --quick 0) after the first call, which checks the error and is never timed",
+    )
+    p.add_argument(
+        "--iters", type=positive_int, help="timed rounds, implementations interleaved (10; --quick 3)"
+    )
+    add_device_argument(p)
+    add_out_argument(p, what="<hardware>-kernels.csv and its plot")
+    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV or plot")
+    p.set_defaults(func=run_kernels_command, parser=p)
+
+
+def run_kernels_command(args: argparse.Namespace) -> int:
+    from .bench.kernels import MIXES, QUICK_MIXES, KernelSuite, headline, run_suite, set_cases
+    from .bench.peers import impl_names
+
+    p = args.parser
+    dtypes, head_dims, sets, tokens, warmup, iters = KERNEL_PRESETS["quick" if args.quick else "full"]
+    if args.impls is not None:
+        known = set(impl_names("attention")) | set(impl_names("rope"))
+        for name in args.impls:
+            if name not in known:
+                p.error(
+                    f"argument --impls: unknown implementation {name!r}; known: {', '.join(sorted(known))}"
+                )
+    for d in args.head_dims or ():
+        if d % 2:
+            p.error(f"argument --head-dims: RoPE needs even head dims, got {d}")
+    if not args.no_csv:
+        check_out_dir(p, args.out)
+        args.out.mkdir(parents=True, exist_ok=True)
+    max_pixels = args.max_pixels or 28 * 28 * tokens
+    names = args.sets or list(sets)
+    mixes = QUICK_MIXES if args.quick else MIXES
+    cases = set_cases([n for n in names if n in IMAGE_SETS], max_pixels)
+    cases += [(n, mixes[n]) for n in names if n in mixes]
+    suite = KernelSuite(
+        ops=args.ops,
+        device=str(args.device),
+        dtypes=list(dict.fromkeys(args.dtypes or dtypes)),
+        head_dims=list(dict.fromkeys(args.head_dims or head_dims)),
+        heads=args.heads,
+        cases=cases,
+        impls=args.impls,
+        backward=not args.no_backward,
+        warmup=warmup if args.warmup is None else args.warmup,
+        iters=iters if args.iters is None else args.iters,
+    )
+    rows = run_suite(suite)
+    print(
+        "\nheadline (fastest first; x: speed against SDPA per image for attention, transformers' rotation "
+        "for RoPE)"
+    )
+    for line in headline(rows):
+        print("  " + line)
+    if not args.no_csv:
+        print()
+        path = write_results(args.out, "kernels", rows, device=args.device)
+        from .bench.plot import plot_kernels
+
+        _plot(plot_kernels, path)
     return 0
 
 
@@ -276,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_profile(sub)
+    _add_kernels(sub)
     _add_tokens(sub)
     add_encode_arguments(sub.add_parser("encode", help="precompute native-resolution features of a dataset"))
     return parser

@@ -55,6 +55,7 @@ def test_budgets_and_eager_fallback():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (graph capture)")
+@pytest.mark.cuda
 def test_captured_graph_replays_new_layouts_on_cuda():
     torch.manual_seed(0)
     cfg = nv.VisionConfig.tiny(embed_dim=128, num_heads=2)

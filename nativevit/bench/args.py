@@ -69,14 +69,15 @@ def add_dtype_argument(p: argparse.ArgumentParser, *, default: str | None = "fp3
     p.add_argument(name, choices=sorted(DTYPES), default=default, **kwargs)
 
 
-def add_out_argument(p: argparse.ArgumentParser) -> None:
+def add_out_argument(
+    p: argparse.ArgumentParser, *, what: str = "the results CSV <hardware>-<benchmark>.csv"
+) -> None:
     p.add_argument(
         "--out",
         type=Path,
         default=DEFAULT_OUT,
         metavar="DIR",
-        help=f"folder for the results CSV <hardware>-<benchmark>.csv (default ./{DEFAULT_OUT}); "
-        "results are appended",
+        help=f"folder for {what} (default ./{DEFAULT_OUT}); CSV rows are appended",
     )
 
 
@@ -100,6 +101,73 @@ def check_attention_backend(
         return resolve_backend("attention", name, probe).name
     except (RuntimeError, ValueError) as e:
         raise ValueError(str(e)) from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, default_depth: int) -> None:
+    """``--model`` / ``--depth`` (a preset's widths at any depth) or ``--checkpoint DIR`` (a released or
+    saved tower); read back with :func:`model_choice`."""
+    from .encoder import MODELS
+
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        help="tower preset: a family's widths at --depth blocks (random weights), with its image processor; "
+        "*tiny: the family's small test tower (default qwen2_vl)",
+    )
+    p.add_argument("--depth", type=positive_int, help=f"blocks of the preset (default {default_depth})")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="DIR",
+        help="a checkpoint directory (as released, or from save_pretrained) instead of --model/--depth",
+    )
+
+
+def model_choice(p: argparse.ArgumentParser, args: argparse.Namespace, *, default_depth: int):
+    """``(config, model name, depth, checkpoint or None)`` of :func:`add_model_arguments`'s options;
+    a usage error (exit 2) for a checkpoint that is not one, or one combined with ``--model``/``--depth``."""
+    from ..checkpoint import read_config
+    from .encoder import model_config
+
+    if args.checkpoint is not None:
+        given = [
+            name for name, value in (("--model", args.model), ("--depth", args.depth)) if value is not None
+        ]
+        if given:
+            p.error(f"argument --checkpoint: the tower comes from the checkpoint; drop {' and '.join(given)}")
+        if not args.checkpoint.is_dir():
+            p.error(f"argument --checkpoint: no folder {str(args.checkpoint)!r}")
+        try:
+            cfg, _ = read_config(args.checkpoint)
+        except (OSError, ValueError) as e:
+            p.error(f"argument --checkpoint: {e}")
+        return cfg, cfg.model_type, cfg.depth, args.checkpoint
+    name = args.model or "qwen2_vl"
+    depth = args.depth if args.depth is not None else default_depth
+    return model_config(name, depth), name, depth, None
+
+
+def add_images_argument(p: argparse.ArgumentParser, *, default: Sequence[str] | None) -> None:
+    from .images import IMAGE_SETS
+
+    shown = " ".join(default) if default else "none"
+    p.add_argument(
+        "--images",
+        nargs="+",
+        metavar="SET|DIR|FILE",
+        help=f"built-in image sets ({', '.join(sorted(IMAGE_SETS))}), folders of images or image files "
+        f"(default {shown})",
+    )
+
+
+def image_choice(p: argparse.ArgumentParser, items: Sequence[str]) -> list[tuple[str, list]]:
+    """The input sets of ``--images`` items (see ``images.input_sets``); a usage error for a bad item."""
+    from .images import input_sets
+
+    try:
+        return input_sets(items)
+    except ValueError as e:
+        p.error(f"argument --images: {e}")
 
 
 def write_results(out: Path, benchmark: str, rows: Sequence[Row], *, device="cpu", echo=print) -> Path:
@@ -128,10 +196,14 @@ __all__ = [
     "ArgumentParser",
     "add_device_argument",
     "add_dtype_argument",
+    "add_images_argument",
+    "add_model_arguments",
     "add_out_argument",
     "check_attention_backend",
     "check_out_dir",
     "device_arg",
+    "image_choice",
+    "model_choice",
     "nonneg_int",
     "positive_int",
     "run_guarded",

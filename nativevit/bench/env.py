@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -53,6 +54,13 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (a no-op on CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def quiet_cpu_compile(device: torch.device | str) -> None:
+    """Without a GPU, inductor's C++ build logs a warning that no CUDA runtime was found (this torch is a
+    CUDA build): true, expected, and no fault of the run, so it is not shown. A no-op with a GPU."""
+    if torch.device(device).type == "cpu" and not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def hardware_name(device: torch.device | str = "cpu") -> str:
@@ -107,6 +115,7 @@ __all__ = [
     "git_sha",
     "hardware_name",
     "parse_device",
+    "quiet_cpu_compile",
     "synchronize",
     "versions",
 ]

@@ -76,8 +76,42 @@ def vit_flops(
     return {"linear": linear, "attention": attention, "total": linear + attention}
 
 
+def module_flops(
+    cfg, lengths: Sequence[int], *, padded: bool = False, window_lengths: Sequence[int] | None = None
+) -> dict[str, int]:
+    """Forward FLOPs of each module of a ``NativeViT`` with config ``cfg`` on segments of ``lengths``,
+    keyed by the module's name in the model (``patch_embed``, ``blocks.{i}.attn``, ``blocks.{i}.mlp``,
+    ``merger``, ``deepstack_merger_list.{j}``).
+
+    The terms of ``nativevit.model.flops``, split by module (so the values sum to its ``total``):
+    ``attn`` is qkv, proj and the attention itself (each windowed block over ``window_lengths``);
+    ``padded=True`` is the padded baseline, whose blocks see every segment (window) padded to the
+    longest while the patch embedding and mergers see the real tokens.
+    """
+    windowed = cfg.windowed_blocks
+    if any(windowed) and window_lengths is None:
+        raise ValueError("cfg has windowed blocks: pass window_lengths (see window_partition)")
+    tokens = sum(lengths)
+    frames = padded_lengths(lengths) if padded else list(lengths)
+    windows = (padded_lengths(window_lengths) if padded else list(window_lengths)) if any(windowed) else []
+    d, hid, unit = cfg.embed_dim, cfg.mlp_hidden_dim, cfg.merge_unit
+    rows = sum(frames)
+    mlp_gemms = 3 if cfg.mlp_type == "swiglu" else 2
+    merger = 2 * (tokens // unit) * (unit * d * unit * d + unit * d * cfg.out_hidden_size)
+    out = {"patch_embed": 2 * tokens * cfg.patch_dim * d}
+    for i in range(cfg.depth):
+        segs = windows if windowed[i] else frames
+        out[f"blocks.{i}.attn"] = 2 * rows * 4 * d * d + sum(4 * n * n * d for n in segs)
+        out[f"blocks.{i}.mlp"] = 2 * rows * mlp_gemms * d * hid
+    out["merger"] = merger
+    for j in range(len(cfg.deepstack_visual_indexes)):
+        out[f"deepstack_merger_list.{j}"] = merger
+    return out
+
+
 __all__ = [
     "ATTENTION_BWD_FACTOR",
+    "module_flops",
     "attention_bytes",
     "attention_flops",
     "padded_lengths",

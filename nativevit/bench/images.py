@@ -6,6 +6,9 @@ so the sets are synthetic images of chosen sizes. ``seed`` is the project's mixe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
 # (width, height) of the images of each set.
@@ -48,4 +51,76 @@ def image_set(name: str) -> list:
     return [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(IMAGE_SETS[name])]
 
 
-__all__ = ["IMAGE_SETS", "KERNEL_MIX", "VIDEO_FRAMES", "image_set", "synthetic_image"]
+def set_segments(name: str, processor) -> list[list[int]]:
+    """Per item of built-in set ``name``, the token counts of its segments (one per frame) as
+    ``processor`` (an ``ImageProcessor``) grids it: ``[h*w]`` for a still, ``[h*w] * t`` for a clip.
+    Only the geometry is computed; no pixels are made."""
+    if name not in IMAGE_SETS:
+        raise ValueError(f"unknown image set {name!r}; choose from {sorted(IMAGE_SETS)}")
+    items = []
+    for w, h in IMAGE_SETS[name]:
+        _, gh, gw = processor.grid_for(h, w)
+        frames = VIDEO_FRAMES // processor.temporal_patch_size if name == "video" else 1
+        items.append([gh * gw] * frames)
+    return items
+
+
+# Files taken from a folder given as an image input (lower-case suffixes).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def input_sets(items: Sequence[str]) -> list[tuple[str, list]]:
+    """``(label, images)`` per input set of the command-line ``--images`` items.
+
+    An item is a built-in set name (see :data:`IMAGE_SETS`; a name wins over a path of the same name:
+    write ``./seed`` for the folder), a folder (its image files, by name, not recursing), or an image
+    file; consecutive files form one set labelled ``files``. Images of folders and files are paths,
+    decoded by the ``ImageProcessor``. ``ValueError`` names an item that is none of these, or a folder
+    without image files.
+    """
+    sets: list[tuple[str, list]] = []
+    files: list[str] = []
+
+    def flush():
+        if files:
+            sets.append(("files" if len(files) > 1 else _label(Path(files[0]).name), list(files)))
+            files.clear()
+
+    for item in items:
+        path = Path(item)
+        if item in IMAGE_SETS:
+            flush()
+            sets.append((item, image_set(item)))
+        elif path.is_dir():
+            flush()
+            found = sorted(
+                str(f) for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise ValueError(f"folder {item!r} has no image files ({', '.join(IMAGE_SUFFIXES)})")
+            sets.append((_label(path.resolve().name or "folder"), found))
+        elif path.is_file():
+            files.append(item)
+        else:
+            raise ValueError(
+                f"{item!r} is not a built-in image set ({', '.join(sorted(IMAGE_SETS))}), a folder or a file"
+            )
+    flush()
+    return sets
+
+
+def _label(name: str) -> str:
+    """``name`` usable as a CSV shape value (no ``;`` or ``=``)."""
+    return name.replace(";", "_").replace("=", "_") or "images"
+
+
+__all__ = [
+    "IMAGE_SETS",
+    "IMAGE_SUFFIXES",
+    "KERNEL_MIX",
+    "VIDEO_FRAMES",
+    "image_set",
+    "input_sets",
+    "set_segments",
+    "synthetic_image",
+]

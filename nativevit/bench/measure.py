@@ -128,16 +128,17 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, iters: int = 3, device
 MM_SIZE = 2048
 
 
-def mm_peak_flops(dtype: torch.dtype, device="cpu", n: int = MM_SIZE, iters: int = 5) -> float:
+def mm_peak_flops(dtype: torch.dtype, device="cpu", n: int = MM_SIZE, iters: int = 10) -> float:
     """FLOP/s of a square ``n x n`` ``torch.mm`` at ``dtype``: the roofline every benchmark reports against.
 
-    The best of ``iters`` timed calls after one warm-up: a peak, because on a shared machine the median
-    wanders with the load.
+    The best of ``iters`` timed calls after two warm-ups: a peak, because on a shared machine the median
+    wanders with the load (with 5 calls, a burst of load on a 2-core machine gave half the rate, and
+    kernels then showed "160% of mm").
     """
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = min(
-        measure([Case("mm", lambda: torch.mm(a, b))], warmup=1, iters=iters, device=device, memory=False)[
+        measure([Case("mm", lambda: torch.mm(a, b))], warmup=2, iters=iters, device=device, memory=False)[
             "mm"
         ].samples
     )
