@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .backends.registry import backends
+from .backends.registry import check_backend_name
 from .packing import Segments, plan_batch
 
 __all__ = ["TimmPackedEncoder", "from_timm"]
@@ -339,10 +339,7 @@ class TimmPackedEncoder(nn.Module):
 
     @attn_backend.setter
     def attn_backend(self, name: str) -> None:
-        known = set(backends("attention")) | {"auto"}
-        if name not in known:
-            raise ValueError(f"unknown attention backend {name!r}; known: {sorted(known)}")
-        self._attn_backend = name
+        self._attn_backend = check_backend_name("attention", name)
 
     @property
     def patch_size(self) -> tuple[int, int]:

@@ -76,6 +76,14 @@ def backends(op: str) -> dict[str, Backend]:
     return dict(_REGISTRY[op])
 
 
+def check_backend_name(op: str, name: str) -> str:
+    """``name`` if it is "auto" or a registered backend of ``op``, else a ``ValueError`` listing them."""
+    known = set(backends(op)) | {"auto"}
+    if name not in known:
+        raise ValueError(f"unknown {op} backend {name!r}; known: {sorted(known)}")
+    return name
+
+
 def triton_interpreted() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for the Triton interpreter (set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
