@@ -21,14 +21,10 @@ from nativevit.bench.args import (
     add_device_argument,
     add_dtype_argument,
     add_out_argument,
-    check_out_dir,
     nonneg_int,
     positive_int,
-    run_guarded,
-    write_results,
 )
-from nativevit.bench.images import KERNEL_MIX
-from nativevit.bench.kernels import KernelRun, check_impls, mix_case, run_kernels, sweep_cases
+from nativevit.bench.kernels import run_kernel_script, sweep_cases
 
 FULL = {"total": 16384, "seqlens": [256, 512, 1024, 2048, 4096, 8192, 16384], "warmup": 2, "iters": 10}
 QUICK = {"total": 1024, "seqlens": [64, 256, 1024], "warmup": 1, "iters": 1}
@@ -54,33 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=positive_int, help="timed rounds, backends interleaved (10; --quick 1)")
     p.add_argument("--quick", action="store_true", help="CPU-sized defaults: 1024-token sweep, 1 timed round")
     add_out_argument(p)
-    args = p.parse_args(argv)
-    check_out_dir(p, args.out)
-    defaults = QUICK if args.quick else FULL
-    opt = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
-    if args.backends is not None:
-        try:
-            check_impls("attention", args.backends, peers=False)
-        except ValueError as e:
-            p.error(f"argument --backends: {e}")
-    cases = sweep_cases(opt["seqlens"], opt["total"]) + ([] if args.no_mixed else [mix_case(KERNEL_MIX)])
-    run = KernelRun(
-        "attention",
-        device=str(args.device),
-        dtype=args.dtype or ("bf16" if args.device.type == "cuda" else "fp32"),
-        heads=args.heads,
-        head_dim=args.head_dim,
-        cases=cases,
-        impls=args.backends,
-        backward=not args.no_backward,
-        warmup=opt["warmup"],
-        iters=opt["iters"],
+    return run_kernel_script(
+        "attention", p, argv, quick=QUICK, full=FULL, cases=lambda o: sweep_cases(o["seqlens"], o["total"])
     )
-
-    def work():
-        write_results(args.out, "attention", run_kernels(run), device=args.device)
-
-    return run_guarded("bench_attention", work)
 
 
 if __name__ == "__main__":

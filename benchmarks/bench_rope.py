@@ -20,14 +20,10 @@ from nativevit.bench.args import (
     add_device_argument,
     add_dtype_argument,
     add_out_argument,
-    check_out_dir,
     nonneg_int,
     positive_int,
-    run_guarded,
-    write_results,
 )
-from nativevit.bench.images import KERNEL_MIX
-from nativevit.bench.kernels import KernelRun, check_impls, mix_case, run_kernels, total_cases
+from nativevit.bench.kernels import run_kernel_script, total_cases
 
 FULL = {"totals": [1024, 4096, 16384, 65536], "warmup": 3, "iters": 20}
 QUICK = {"totals": [1024, 4096], "warmup": 1, "iters": 3}
@@ -47,33 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=positive_int, help="timed rounds, backends interleaved (20; --quick 3)")
     p.add_argument("--quick", action="store_true", help="CPU-sized defaults")
     add_out_argument(p)
-    args = p.parse_args(argv)
-    check_out_dir(p, args.out)
-    defaults = QUICK if args.quick else FULL
-    opt = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
-    if args.backends is not None:
-        try:
-            check_impls("rope", args.backends, peers=False)
-        except ValueError as e:
-            p.error(f"argument --backends: {e}")
-    cases = total_cases(opt["totals"]) + ([] if args.no_mixed else [mix_case(KERNEL_MIX)])
-    run = KernelRun(
-        "rope",
-        device=str(args.device),
-        dtype=args.dtype or ("bf16" if args.device.type == "cuda" else "fp32"),
-        heads=args.heads,
-        head_dim=args.head_dim,
-        cases=cases,
-        impls=args.backends,
-        backward=not args.no_backward,
-        warmup=opt["warmup"],
-        iters=opt["iters"],
+    return run_kernel_script(
+        "rope", p, argv, quick=QUICK, full=FULL, cases=lambda o: total_cases(o["totals"])
     )
-
-    def work():
-        write_results(args.out, "rope", run_kernels(run), device=args.device)
-
-    return run_guarded("bench_rope", work)
 
 
 if __name__ == "__main__":

@@ -477,3 +477,40 @@ __all__ = [
     "total_cases",
     "work",
 ]
+
+
+def run_kernel_script(
+    op: str, parser, argv, *, quick: dict, full: dict, cases: Callable[[dict], list]
+) -> int:
+    """The body of ``benchmarks/bench_attention.py`` and ``bench_rope.py``: parse ``argv`` with
+    ``parser``, fill unset options from ``quick`` or ``full``, time ``cases(options)`` (plus the mixed
+    batch unless ``--no-mixed``) and write the rows to ``--out``. Returns the exit code."""
+    from .args import check_out_dir, run_guarded, write_results
+    from .images import KERNEL_MIX
+
+    args = parser.parse_args(argv)
+    check_out_dir(parser, args.out)
+    defaults = quick if args.quick else full
+    opt = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+    if args.backends is not None:
+        try:
+            check_impls(op, args.backends, peers=False)
+        except ValueError as e:
+            parser.error(f"argument --backends: {e}")
+    run = KernelRun(
+        op,
+        device=str(args.device),
+        dtype=args.dtype or ("bf16" if args.device.type == "cuda" else "fp32"),
+        heads=args.heads,
+        head_dim=args.head_dim,
+        cases=cases(opt) + ([] if args.no_mixed else [mix_case(KERNEL_MIX)]),
+        impls=args.backends,
+        backward=not args.no_backward,
+        warmup=opt["warmup"],
+        iters=opt["iters"],
+    )
+
+    def work() -> None:
+        write_results(args.out, op, run_kernels(run), device=args.device)
+
+    return run_guarded(f"bench_{op}", work)
