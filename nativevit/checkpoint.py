@@ -41,12 +41,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import FAMILIES, VisionConfig, family
+from .config import FAMILIES, Family, VisionConfig, family
 
 if TYPE_CHECKING:
     from .model import NativeViT
 
-TOWER_PREFIXES = ("visual.", "model.visual.")
+# Every prefix under which some family's releases key their tower.
+TOWER_PREFIXES = tuple(dict.fromkeys(p for f in FAMILIES.values() for p in f.prefixes))
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -200,19 +201,22 @@ def _open(file: Path, shown: Path):
         raise ValueError(f"{shown}: not a valid safetensors file ({e})") from e
 
 
-def tower_key(key: str, vision_only: bool) -> str | None:
-    """The tower's own name for a checkpoint key, or None when the key is not part of the tower."""
-    for prefix in TOWER_PREFIXES:
+def tower_key(key: str, vision_only: bool, fam: Family) -> str | None:
+    """This model's name for a checkpoint key of a ``fam`` release, or None when the key is not part of
+    the tower (release names are mapped through ``fam.key_renames``)."""
+    for prefix in fam.prefixes:
         if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key if vision_only else None
+            return fam.model_key(key[len(prefix) :])
+    return fam.model_key(key) if vision_only else None
 
 
 # (name shown in messages, resolved file, {checkpoint key: tower key}) per file holding tower tensors
 _Sources = list[tuple[Path, Path, dict[str, str]]]
 
 
-def _read_tower_shapes(path: str | Path, vision_only: bool) -> tuple[dict[str, tuple[int, ...]], _Sources]:
+def _read_tower_shapes(
+    path: str | Path, vision_only: bool, fam: Family
+) -> tuple[dict[str, tuple[int, ...]], _Sources]:
     """The tower's tensor shapes, by this model's keys, from the safetensors headers (no data read),
     and where each tensor is. Shards without tower keys are not opened."""
     path = Path(path)
@@ -220,12 +224,12 @@ def _read_tower_shapes(path: str | Path, vision_only: bool) -> tuple[dict[str, t
     sources: _Sources = []
     for fname, (file, listed) in _weight_files(path).items():
         shown = path / fname
-        if listed is not None and not any(tower_key(k, vision_only) is not None for k in listed):
+        if listed is not None and not any(tower_key(k, vision_only, fam) is not None for k in listed):
             continue
         with _open(file, shown) as f:
             present = f.keys()
             candidates = present if listed is None else listed
-            wanted = {k: n for k in candidates if (n := tower_key(k, vision_only)) is not None}
+            wanted = {k: n for k in candidates if (n := tower_key(k, vision_only, fam)) is not None}
             present = set(present)
             for key, name in wanted.items():
                 if key not in present:
@@ -240,7 +244,7 @@ def _read_tower_shapes(path: str | Path, vision_only: bool) -> tuple[dict[str, t
             sources.append((shown, file, wanted))
     if not shapes:
         raise ValueError(
-            f"{path}: no vision-tower tensors found (expected keys under {' or '.join(TOWER_PREFIXES)})"
+            f"{path}: no vision-tower tensors found (expected keys under {' or '.join(fam.prefixes)})"
         )
     return shapes, sources
 
@@ -257,9 +261,9 @@ def _read_tensors(sources: _Sources) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_tower_state_dict(path: str | Path, vision_only: bool) -> dict[str, torch.Tensor]:
+def read_tower_state_dict(path: str | Path, vision_only: bool, fam: Family) -> dict[str, torch.Tensor]:
     """The tower's tensors, renamed to this model's keys; shards without tower keys are not opened."""
-    return _read_tensors(_read_tower_shapes(path, vision_only)[1])
+    return _read_tensors(_read_tower_shapes(path, vision_only, fam)[1])
 
 
 # ---------------------------------------------------------------- checking names and shapes
@@ -380,7 +384,7 @@ def load_pretrained(
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
     cfg, vision_only = read_config(path)
-    shapes, sources = _read_tower_shapes(path, vision_only)
+    shapes, sources = _read_tower_shapes(path, vision_only, cfg.family)
     blocks = {int(m[1]) for key in shapes if (m := _BLOCK_KEY.fullmatch(key))}
     if len(blocks) != cfg.depth or (blocks and max(blocks) != cfg.depth - 1):
         # the config's depth disagrees with the weights: say so without building cfg.depth blocks
@@ -513,7 +517,7 @@ def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int 
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][fam.key_prefix + key] = tensor.detach().contiguous().cpu()
+        shards[-1][fam.key_prefix + fam.release_key(key)] = tensor.detach().contiguous().cpu()
         size += nbytes
     if len(shards) == 1:
         files = {SINGLE_FILE: shards[0]}

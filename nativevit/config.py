@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,11 @@ QWEN2_VL_PROCESSOR: dict[str, Any] = dict(
 )
 
 
+# Where the Qwen releases key their tower: ``visual.`` (Qwen2-VL, Qwen2.5-VL in transformers < 4.52),
+# ``model.visual.`` (later saves, Qwen3-VL).
+_QWEN_PREFIXES = ("visual.", "model.visual.")
+
+
 @dataclass(frozen=True)
 class Family:
     """One tower family, described once.
@@ -69,6 +75,26 @@ class Family:
     writes (the tower's tensors are keyed ``visual.*`` or ``model.visual.*``).
 
     ``processor``: the ``ImageProcessor`` preset of the releases (keyword arguments).
+
+    Layer details, defaulting to the Qwen towers': ``qkv`` ("fused": one ``attn.qkv``; "separate":
+    ``attn.q_proj``/``k_proj``/``v_proj``), ``qkv_bias`` / ``proj_bias`` / ``mlp_bias`` (biases of the
+    q/k/v, output and MLP projections), ``qk_norm`` (a per-head norm of q and k before the rotation,
+    ``attn.q_norm``/``k_norm``), ``embed_norm`` (a norm after the patch embedding) and ``post_norm``
+    (after the last block), both of kind ``norm``; ``rope`` the 2D rotary frequency layout
+    (``nativevit.rope.ROPE_FREQUENCIES``, or "none"); ``rope_fp32`` whether the rotation runs in float32
+    whatever the input dtype (Qwen) or in the input dtype; ``position`` how the learned position table is
+    resampled to each image (``nativevit.positions.POSITION_KINDS``).
+
+    Release naming: ``key_renames`` maps this model's parameter names to the release's, as pairs of
+    dotted prefixes ``(ours, release)`` where ``{i}`` stands for a block index (first match wins, in
+    both directions); ``read_prefixes`` are the further prefixes under which a release may key the
+    tower besides ``key_prefix``; ``field_renames`` maps ``vision_config`` field names of the release
+    to this module's (``{"num_channels": "in_channels"}``); ``ignored_fields`` are release fields that
+    carry nothing for the tower; ``fixed`` are settings the family always has and its releases do not
+    write (``{"temporal_patch_size": 1}``).
+
+    ``tiny``: overrides of ``release_defaults`` giving a small tower of the family for tests and quick
+    benchmarks (``VisionConfig.preset(name, tiny=True)``).
     """
 
     name: str
@@ -87,11 +113,65 @@ class Family:
     architecture: str
     key_prefix: str
     processor: dict[str, Any]
+    qkv: str = "fused"
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    qk_norm: bool = False
+    embed_norm: bool = False
+    post_norm: bool = False
+    rope: str = "qwen"
+    rope_fp32: bool = True
+    position: str = "bilinear_taps"
+    key_renames: tuple[tuple[str, str], ...] = ()
+    read_prefixes: tuple[str, ...] = ()
+    field_renames: dict[str, str] = dataclasses.field(default_factory=dict)
+    ignored_fields: tuple[str, ...] = ()
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tiny: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.qkv not in ("fused", "separate"):
+            raise ValueError(f"Family {self.name}: qkv must be 'fused' or 'separate', got {self.qkv!r}")
+        compiled = []
+        for ours, theirs in self.key_renames:
+            compiled.append((_prefix_pattern(ours), theirs, _prefix_pattern(theirs), ours))
+        object.__setattr__(self, "_renames", tuple(compiled))
 
     @property
     def mlp_type(self) -> str:
         """The MLP kind ``VisionConfig.mlp_type`` takes by default: "swiglu" or "mlp"."""
         return "swiglu" if self.mlp == "swiglu" else "mlp"
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """Every prefix under which a release keys the tower (``key_prefix`` first)."""
+        return (self.key_prefix, *(p for p in self.read_prefixes if p != self.key_prefix))
+
+    def release_key(self, key: str) -> str:
+        """The release's name (without prefix) for this model's parameter ``key``."""
+        return _rename(key, ((ours, theirs) for ours, theirs, _, _ in self._renames))
+
+    def model_key(self, key: str) -> str:
+        """This model's parameter name for the release's tower key ``key`` (without prefix)."""
+        return _rename(key, ((theirs, ours) for _, _, theirs, ours in self._renames))
+
+
+def _prefix_pattern(prefix: str) -> re.Pattern:
+    """A dotted prefix with ``{i}`` placeholders -> a regex matching it at the start of a key, followed
+    by a dot or the end of the key; each ``{i}`` captures a block index."""
+    body = "([0-9]+)".join(re.escape(part) for part in prefix.split("{i}"))
+    return re.compile(body + r"(?=\.|$)")
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, target in rules:
+        m = pattern.match(key)
+        if m is not None:
+            parts = target.split("{i}")
+            new = parts[0] + "".join(g + p for g, p in zip(m.groups(), parts[1:]))
+            return new + key[m.end() :]
+    return key
 
 
 FAMILIES: dict[str, Family] = {
@@ -111,8 +191,10 @@ FAMILIES: dict[str, Family] = {
             mlp_width_field="mlp_ratio",
             release_defaults={},
             model_types=("qwen2_vl",),
+            tiny=dict(embed_dim=64, depth=2, num_heads=4, out_hidden_size=48),
             architecture="Qwen2VLForConditionalGeneration",
             key_prefix="visual.",
+            read_prefixes=_QWEN_PREFIXES,
             processor=QWEN2_VL_PROCESSOR,
         ),
         Family(
@@ -138,8 +220,17 @@ FAMILIES: dict[str, Family] = {
                 fullatt_block_indexes=(7, 15, 23, 31),
             ),
             model_types=("qwen2_5_vl",),
+            tiny=dict(
+                embed_dim=64,
+                depth=4,
+                num_heads=4,
+                intermediate_size=96,
+                out_hidden_size=48,
+                fullatt_block_indexes=(1, 3),
+            ),
             architecture="Qwen2_5_VLForConditionalGeneration",
             key_prefix="visual.",
+            read_prefixes=_QWEN_PREFIXES,
             processor=QWEN2_VL_PROCESSOR,
         ),
         Family(
@@ -166,8 +257,18 @@ FAMILIES: dict[str, Family] = {
                 deepstack_visual_indexes=(8, 16, 24),
             ),
             model_types=("qwen3_vl", "qwen3_vl_moe"),
+            tiny=dict(
+                embed_dim=32,
+                depth=3,
+                num_heads=4,
+                intermediate_size=48,
+                out_hidden_size=40,
+                num_position_embeddings=64,
+                deepstack_visual_indexes=(0, 2),
+            ),
             architecture="Qwen3VLForConditionalGeneration",
             key_prefix="model.visual.",
+            read_prefixes=_QWEN_PREFIXES,
             processor=dict(
                 min_pixels=65536,
                 max_pixels=16777216,
@@ -273,7 +374,7 @@ class VisionConfig:
             raise ValueError(
                 f"VisionConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
-        if self.head_dim % 4:
+        if self.family.rope != "none" and self.head_dim % 4:
             raise ValueError(
                 f"head_dim = embed_dim/num_heads = {self.head_dim} must be a multiple of 4 "
                 "(2D rotary embedding splits it into h and w halves of rotation pairs)"
@@ -353,9 +454,7 @@ class VisionConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> VisionConfig:
         """A 2-block, width-64 tower for tests (head dim 16)."""
-        base = dict(embed_dim=64, depth=2, num_heads=4, out_hidden_size=48)
-        base.update(overrides)
-        return cls(**base)
+        return cls.preset("qwen2_vl", tiny=True, **overrides)
 
     @classmethod
     def qwen2_5_vl(cls, **overrides: Any) -> VisionConfig:
@@ -386,16 +485,7 @@ class VisionConfig:
     @classmethod
     def qwen2_5_vl_tiny(cls, **overrides: Any) -> VisionConfig:
         """A 4-block, width-64 Qwen2.5-VL tower for tests: windowed blocks 0, 2; full 1, 3."""
-        base = dict(
-            embed_dim=64,
-            depth=4,
-            num_heads=4,
-            intermediate_size=96,
-            out_hidden_size=48,
-            fullatt_block_indexes=(1, 3),
-        )
-        base.update(overrides)
-        return cls.qwen2_5_vl(**base)
+        return cls.preset("qwen2_5_vl", tiny=True, **overrides)
 
     @classmethod
     def qwen3_vl(cls, **overrides: Any) -> VisionConfig:
@@ -427,17 +517,33 @@ class VisionConfig:
     @classmethod
     def qwen3_vl_tiny(cls, **overrides: Any) -> VisionConfig:
         """A 3-block, width-32 Qwen3-VL tower for tests: 8x8 position table, DeepStack after 0 and 2."""
-        base = dict(
-            embed_dim=32,
-            depth=3,
-            num_heads=4,
-            intermediate_size=48,
-            out_hidden_size=40,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=(0, 2),
-        )
-        base.update(overrides)
-        return cls.qwen3_vl(**base)
+        return cls.preset("qwen3_vl", tiny=True, **overrides)
+
+    @classmethod
+    def preset(
+        cls, model_type: str, *, depth: int | None = None, tiny: bool = False, **overrides: Any
+    ) -> VisionConfig:
+        """A family's tower from the table: transformers' defaults for it (``Family.release_defaults``),
+        or its small test tower with ``tiny=True`` (``Family.tiny``), then ``overrides``.
+
+        ``depth`` keeps the first ``depth`` blocks (a shallow tower for quick benchmarks): block indexes
+        past it are dropped; a windowed tower keeps its last block full, and a DeepStack tower taps
+        blocks 1.. (or 0) as the shallow presets do.
+        """
+        fam = family(model_type)
+        kwargs: dict[str, Any] = {**fam.release_defaults, **fam.fixed}
+        if tiny:
+            kwargs.update(fam.tiny)
+        kwargs.update(model_type=fam.name)
+        if depth is not None:
+            kwargs["depth"] = depth
+            if kwargs.get("window_size"):
+                kwargs["fullatt_block_indexes"] = (depth - 1,)
+            if kwargs.get("deepstack_visual_indexes"):
+                kept = tuple(i for i in kwargs["deepstack_visual_indexes"] if i < depth)
+                kwargs["deepstack_visual_indexes"] = kept or tuple(range(1, min(depth, 3))) or (0,)
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     # ------------------------------------------------------ released configs
 
@@ -471,15 +577,19 @@ class VisionConfig:
                 fields -= set(names)
         renames = {
             fam.vit_width_field: "embed_dim",
-            fam.merger_width_field: "out_hidden_size",
             fam.mlp_width_field: fam.mlp_width_field,
+            **fam.field_renames,
         }
+        if fam.merger_width_field:
+            renames[fam.merger_width_field] = "out_hidden_size"
         family_name = fam.name
-        kwargs: dict[str, Any] = dict(fam.release_defaults)
+        kwargs: dict[str, Any] = {**fam.release_defaults, **fam.fixed}
         given: set[str] = set()
         unknown = []
         for key, value in vision_config.items():
-            key = _HF_ALIASES.get(key, key)
+            if key in fam.ignored_fields:
+                continue
+            key = key if key in renames else _HF_ALIASES.get(key, key)
             if key in renames:
                 kwargs[renames[key]] = value
                 given.add(renames[key])
@@ -499,7 +609,9 @@ class VisionConfig:
                 f"vision_config has fields nativevit does not know for a {family_name} tower: "
                 f"{sorted(unknown)}"
             )
-        if "out_hidden_size" not in given and text_hidden_size is not None:
+        if not fam.merger_width_field:  # no merger in the tower: its output is the ViT width
+            kwargs["out_hidden_size"] = kwargs.get("embed_dim", cls.embed_dim)
+        elif "out_hidden_size" not in given and text_hidden_size is not None:
             kwargs["out_hidden_size"] = text_hidden_size
         for key in ("patch_size", "temporal_patch_size"):
             if isinstance(kwargs.get(key), (list, tuple)):
@@ -512,7 +624,8 @@ class VisionConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``vision_config`` dict in the field names of this family's releases."""
         fam = self.family
-        if self.norm_eps != 1e-6:
+        release_name = {ours: theirs for theirs, ours in fam.field_renames.items()}
+        if self.norm_eps != fam.fixed.get("norm_eps", 1e-6) and "norm_eps" not in release_name:
             raise ValueError(
                 f"a {self.model_type} release cannot describe norm_eps={self.norm_eps}: its config has no "
                 "such field (the releases' norms use 1e-6)"
@@ -541,8 +654,11 @@ class VisionConfig:
             "temporal_patch_size": self.temporal_patch_size,
             "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
             fam.vit_width_field: self.embed_dim,
-            fam.merger_width_field: self.out_hidden_size,
         }
+        if fam.merger_width_field:
+            out[fam.merger_width_field] = self.out_hidden_size
+        if "norm_eps" in release_name:
+            out["norm_eps"] = self.norm_eps
         if fam.mlp_width_field == "mlp_ratio":
             out["mlp_ratio"] = _exact_ratio(self.mlp_hidden_dim, self.embed_dim)
         else:
@@ -552,7 +668,13 @@ class VisionConfig:
                 for name in names:
                     value = getattr(self, name)
                     out[name] = list(value) if isinstance(value, tuple) else value
-        return out
+        for name, value in fam.fixed.items():
+            if getattr(self, name) != value:
+                raise ValueError(
+                    f"a {self.model_type} release cannot describe {name}={getattr(self, name)!r}"
+                )
+            out.pop(name, None)
+        return {release_name.get(k, k): v for k, v in out.items()}
 
 
 def _exact_ratio(hidden: int, dim: int) -> int | float:

@@ -51,8 +51,7 @@ class _Static:
         self.sin = torch.zeros_like(self.cos)
         self.order = torch.zeros(budget, dtype=torch.long, device=device)
         self.inverse = torch.zeros(budget, dtype=torch.long, device=device)
-        self.pos_index = torch.zeros(budget, 4, dtype=torch.long, device=device)
-        self.pos_weight = torch.zeros(budget, 4, dtype=torch.float32, device=device)
+        self.positions: tuple[torch.Tensor, ...] | None = None  # allocated on the first load
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
 
@@ -66,14 +65,15 @@ class _Static:
             self.inverse.copy_(plan.windows.inverse)
             segments = _into(plan.windows.segments, self.windows_cu, self.max_segments, self.window_bound)
             windows = WindowLayout(self.order, self.inverse, segments)
-        self.cos.copy_(plan.cos)
-        self.sin.copy_(plan.sin)
-        taps = None
-        if plan.pos_taps is not None:
-            self.pos_index.copy_(plan.pos_taps[0])
-            self.pos_weight.copy_(plan.pos_taps[1])
-            taps = (self.pos_index, self.pos_weight)
-        return BatchPlan(plan.layout, plan.grid, frames, windows, self.cos, self.sin, taps)
+        cos = sin = None
+        if plan.cos is not None:
+            cos, sin = self.cos.copy_(plan.cos), self.sin.copy_(plan.sin)
+        if plan.positions is not None:
+            if self.positions is None:
+                self.positions = tuple(torch.zeros_like(t) for t in plan.positions)
+            for buffer, t in zip(self.positions, plan.positions):
+                buffer.copy_(t)
+        return BatchPlan(plan.layout, plan.grid, frames, windows, cos, sin, self.positions)
 
 
 def _into(segments: Segments, buffer: torch.Tensor, capacity: int, bound: int) -> Segments:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import VisionConfig
 from .packing import LAYOUTS, BatchPlan, PaddedWindows, Segments, check_grid_thw, plan_batch
+from .positions import position_kind
 
 
 class QuickGELU(nn.Module):
@@ -101,15 +102,45 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, block-diagonal over the packed segments, 2D RoPE on q and k."""
+    """Multi-head self-attention, block-diagonal over the packed segments, 2D RoPE on q and k.
 
-    def __init__(self, *, dim: int, num_heads: int, attn_backend: str = "auto", rope_backend: str = "auto"):
+    ``qkv``: "fused" (one ``qkv`` projection, ``[q heads | k heads | v heads]``) or "separate"
+    (``q_proj``, ``k_proj``, ``v_proj``); ``qk_norm``: a norm kind for a per-head norm of q and k before
+    the rotation (``q_norm``, ``k_norm``), or None. ``rope_fp32=False`` rotates float64 inputs in float64
+    (towers that rotate in the input dtype); otherwise the rotation runs through ``nativevit.ops``.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        attn_backend: str = "auto",
+        rope_backend: str = "auto",
+        qkv: str = "fused",
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        qk_norm: str | None = None,
+        eps: float = 1e-6,
+        rope_fp32: bool = True,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.fused = qkv == "fused"
+        if self.fused:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+            self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+            self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        if qk_norm is not None:
+            self.q_norm = _norm(qk_norm, self.head_dim, eps)
+            self.k_norm = _norm(qk_norm, self.head_dim, eps)
+        self.qk_norm = qk_norm is not None
+        self.rope_fp32 = rope_fp32
         self.attn_backend = attn_backend
         self.rope_backend = rope_backend
 
@@ -117,14 +148,24 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         segments: Segments,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         relayout: PaddedWindows | None = None,
     ) -> torch.Tensor:
         n = x.shape[0]
-        # features are [q heads | k heads | v heads]; q, k, v stay strided views of one buffer
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x (N, H, hd)
-        q, k = ops.apply_rope_2d(q, k, cos, sin, backend=self.rope_backend)
+        shape = (n, self.num_heads, self.head_dim)
+        if self.fused:
+            # features are [q heads | k heads | v heads]; q, k, v stay strided views of one buffer
+            q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x (N, H, hd)
+        else:
+            q, k, v = (p(x).view(shape) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            if not self.rope_fp32 and q.dtype == torch.float64:
+                q, k = _rotate_in_dtype(q, k, cos, sin)
+            else:
+                q, k = ops.apply_rope_2d(q, k, cos, sin, backend=self.rope_backend)
         if relayout is not None:
             q, k, v = (relayout.to_windows(t) for t in (q, k, v))
         backend = "padded" if segments.padded else self.attn_backend
@@ -134,12 +175,26 @@ class Attention(nn.Module):
         return self.proj(out.reshape(n, -1))
 
 
+def _rotate_in_dtype(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotate-half rotation in the inputs' own dtype (the float32 tables cast to it)."""
+    c = torch.cat([cos, cos], dim=-1)[:, None, :].to(q.dtype)
+    s = torch.cat([sin, sin], dim=-1)[:, None, :].to(q.dtype)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c + torch.cat([-x2, x1], dim=-1) * s
+
+    return rotate(q), rotate(k)
+
+
 class Mlp(nn.Module):
-    def __init__(self, *, dim: int, hidden_dim: int, act: str):
+    def __init__(self, *, dim: int, hidden_dim: int, act: str, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = _activation(act)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -148,24 +203,24 @@ class Mlp(nn.Module):
 class Qwen3Mlp(nn.Module):
     """Qwen3-VL's two-layer MLP, under the release's names ``linear_fc1`` / ``linear_fc2``."""
 
-    def __init__(self, *, dim: int, hidden_dim: int, act: str):
+    def __init__(self, *, dim: int, hidden_dim: int, act: str, bias: bool = True):
         super().__init__()
-        self.linear_fc1 = nn.Linear(dim, hidden_dim)
+        self.linear_fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = _activation(act)
-        self.linear_fc2 = nn.Linear(hidden_dim, dim)
+        self.linear_fc2 = nn.Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
 class GatedMlp(nn.Module):
-    """Qwen2.5-VL's SwiGLU MLP with biases: ``down(act(gate(x)) * up(x))``."""
+    """Qwen2.5-VL's SwiGLU MLP (with biases unless ``bias=False``): ``down(act(gate(x)) * up(x))``."""
 
-    def __init__(self, *, dim: int, hidden_dim: int, act: str):
+    def __init__(self, *, dim: int, hidden_dim: int, act: str, bias: bool = True):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim)
-        self.up_proj = nn.Linear(dim, hidden_dim)
-        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
         self.act = _activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,13 +250,25 @@ class Block(nn.Module):
         mlp_layer: type[nn.Module] | None = None,
     ):
         super().__init__()
+        fam = cfg.family
         self.norm1 = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
         self.attn = Attention(
-            dim=cfg.embed_dim, num_heads=cfg.num_heads, attn_backend=attn_backend, rope_backend=rope_backend
+            dim=cfg.embed_dim,
+            num_heads=cfg.num_heads,
+            attn_backend=attn_backend,
+            rope_backend=rope_backend,
+            qkv=fam.qkv,
+            qkv_bias=fam.qkv_bias,
+            proj_bias=fam.proj_bias,
+            qk_norm=cfg.norm_type if fam.qk_norm else None,
+            eps=cfg.norm_eps,
+            rope_fp32=fam.rope_fp32,
         )
         self.norm2 = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
         mlp_layer = mlp_layer or mlp_layer_for(cfg)
-        self.mlp = mlp_layer(dim=cfg.embed_dim, hidden_dim=cfg.mlp_hidden_dim, act=cfg.hidden_act)
+        self.mlp = mlp_layer(
+            dim=cfg.embed_dim, hidden_dim=cfg.mlp_hidden_dim, act=cfg.hidden_act, bias=fam.mlp_bias
+        )
 
     def forward(
         self,
@@ -261,7 +328,26 @@ class Qwen3PatchMerger(nn.Module):
         return self.linear_fc2(self.act(self.linear_fc1(x)))  # (N/m^2, out_dim)
 
 
-MERGER_LAYERS: dict[str, type[nn.Module]] = {"qwen2": PatchMerger, "qwen3": Qwen3PatchMerger}
+class NoMerger(nn.Module):
+    """Towers without a merger (it lives in the VLM's projector): the blocks' output is the output."""
+
+    def __init__(self, *, dim: int, out_dim: int, merge_size: int, eps: float, norm: str = "layernorm"):
+        super().__init__()
+        if out_dim != dim or merge_size != 1:
+            raise ValueError(
+                f"a tower without a merger has out_hidden_size = embed_dim and spatial_merge_size 1, got "
+                f"{out_dim} (embed_dim {dim}) and {merge_size}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+MERGER_LAYERS: dict[str, type[nn.Module]] = {
+    "qwen2": PatchMerger,
+    "qwen3": Qwen3PatchMerger,
+    "none": NoMerger,
+}
 
 
 class NativeViT(nn.Module):
@@ -287,10 +373,13 @@ class NativeViT(nn.Module):
             patch=cfg.patch_size,
             bias=cfg.patch_bias,
         )
-        # Qwen3-VL: a square learned position table, resampled to each image (see position_table_taps)
+        fam = cfg.family
+        self.embed_norm = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if fam.embed_norm else None
+        # a square learned position table, resampled to each image (see nativevit.positions)
         self.pos_embed = (
             nn.Embedding(cfg.num_position_embeddings, cfg.embed_dim) if cfg.num_position_embeddings else None
         )
+        self.position = position_kind(fam.position) if cfg.num_position_embeddings else None
         self.blocks = nn.ModuleList(
             [Block(cfg, attn_backend=attn_backend, rope_backend=rope_backend) for _ in range(cfg.depth)]
         )
@@ -301,7 +390,8 @@ class NativeViT(nn.Module):
             eps=cfg.norm_eps,
             norm=cfg.norm_type,
         )
-        self.merger = MERGER_LAYERS[cfg.family.merger](**merger)
+        self.post_norm = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if fam.post_norm else None
+        self.merger = MERGER_LAYERS[fam.merger](**merger)
         if cfg.deepstack_visual_indexes:
             self.deepstack_merger_list = nn.ModuleList(
                 [Qwen3PatchMerger(**merger, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes]
@@ -391,10 +481,12 @@ class NativeViT(nn.Module):
             device=device,
             layout=layout,
             merge_size=cfg.spatial_merge_size,
-            head_dim=cfg.head_dim,
+            head_dim=None if cfg.family.rope == "none" else cfg.head_dim,
             rope_theta=cfg.rope_theta,
+            rope_kind=cfg.family.rope,
             window=cfg.window_tokens if any(cfg.windowed_blocks) else 0,
             pos_side=math.isqrt(cfg.num_position_embeddings),
+            pos_kind=cfg.family.position,
         )
 
     def forward_features(
@@ -479,11 +571,12 @@ class NativeViT(nn.Module):
         """The device side of a forward: only tensors and the plan's prebuilt metadata (traceable)."""
         cfg = self.config
         x = self.patch_embed(pixel_values)
-        if plan.pos_taps is not None:
-            index, weight = plan.pos_taps
-            x = x + (self.pos_embed(index) * weight[:, :, None]).sum(1).to(x.dtype)  # (N, 4, D) -> (N, D)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        if self.position is not None:
+            x = x + self.position.apply(self.pos_embed.weight, plan.positions).to(x.dtype)
         x = plan.to_layout(x)
-        cos, sin = plan.rope()
+        cos, sin = plan.rope() if plan.cos is not None else (None, None)
         attention = {windowed: plan.attention(windowed) for windowed in (False, True)}
         stack = {block: j for j, block in enumerate(cfg.deepstack_visual_indexes)} if deepstack else {}
         features = []
@@ -492,7 +585,8 @@ class NativeViT(nn.Module):
             x = blk(x, segments, cos, sin, relayout)
             if i in stack:
                 features.append(self.deepstack_merger_list[stack[i]](plan.to_input_order(x)))
-        return plan.to_input_order(x), features
+        x = plan.to_input_order(x)
+        return (self.post_norm(x) if self.post_norm is not None else x), features
 
     # ------------------------------------------------------------------ accounting
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .rope import position_table_taps, rope_cos_sin
+from .positions import position_kind
+from .rope import rope_cos_sin
 
 
 def check_grid_thw(grid_thw: torch.Tensor, merge_size: int = 2) -> list[tuple[int, int, int]]:
@@ -487,8 +488,9 @@ class BatchPlan:
             one segment per window; None without windows.
         cos, sin: ``(N, head_dim//2)`` float32 rotary tables in the row order of the blocks (window order
             when there are windows), or None when no rotary embedding was asked for.
-        pos_taps: ``(index (N, 4) int64, weight (N, 4) float32)`` of a learned position table resampled to
-            every patch (Qwen3-VL), in input row order; None without a table.
+        positions: what a learned position table's kind (``nativevit.positions``) planned for this batch,
+            tensors of one row per patch in input row order (Qwen3-VL: gather indices ``(N, 4)`` and
+            weights ``(N, 4)``); None without a table.
     """
 
     layout: str
@@ -497,7 +499,7 @@ class BatchPlan:
     windows: WindowLayout | None = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
-    pos_taps: tuple[torch.Tensor, torch.Tensor] | None = None
+    positions: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         # everything layers read is built here, eagerly: compiled code only reads it
@@ -568,6 +570,8 @@ def plan_batch(
     rope_theta: float = 10000.0,
     window: int = 0,
     pos_side: int = 0,
+    pos_kind: str = "bilinear_taps",
+    rope_kind: str = "qwen",
 ) -> BatchPlan:
     """Build a batch's plan: segments (one per frame), window layout, rotary tables, learned-position
     taps, in ``layout`` ("packed" or "padded").
@@ -578,9 +582,11 @@ def plan_batch(
         lengths: segment lengths when there is no grid.
         device: where the plan's tensors live.
         merge_size: the spatial merge size (2x2 blocks of the processor's row order).
-        head_dim: build ``(N, head_dim//2)`` rotary tables (``rope_theta``) when set.
+        head_dim: build ``(N, head_dim//2)`` rotary tables (``rope_theta``, frequency layout
+            ``rope_kind``, see ``nativevit.rope.ROPE_FREQUENCIES``) when set.
         window: window side in merged tokens (Qwen2.5-VL: 4); 0 for none.
-        pos_side: side of a square learned position table to resample to every patch; 0 for none.
+        pos_side: side of a square learned position table to resample to every patch (the way
+            ``pos_kind`` says, see ``nativevit.positions``); 0 for none.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -599,16 +605,17 @@ def plan_batch(
         windows = WindowLayout.from_grid(grid, window=window, merge_size=merge_size, device=device)
     cos = sin = None
     if head_dim is not None:
-        cos, sin = rope_cos_sin(grid, head_dim, theta=rope_theta, merge_size=merge_size, device=device)
+        cos, sin = rope_cos_sin(
+            grid, head_dim, theta=rope_theta, merge_size=merge_size, device=device, kind=rope_kind
+        )
         if windows is not None:
             cos, sin = cos.index_select(0, windows.order), sin.index_select(0, windows.order)
-    pos_taps = None
+    positions = None
     if pos_side:
-        index, weight = position_table_taps(grid, pos_side, merge_size)
-        pos_taps = (index.to(device), weight.to(device))
+        positions = tuple(t.to(device) for t in position_kind(pos_kind).plan(grid, pos_side, merge_size))
     if layout == "padded":
         segments = segments.as_padded()
-    return BatchPlan(layout, grid, segments, windows, cos, sin, pos_taps)
+    return BatchPlan(layout, grid, segments, windows, cos, sin, positions)
 
 
 # ----------------------------------------------------------------------------- token budgets

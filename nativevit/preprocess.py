@@ -114,6 +114,16 @@ class _Rows:
         return self.buffer[: self.used].copy()
 
 
+def _smart_resize(height: int, width: int, proc: ImageProcessor) -> tuple[int, int]:
+    return smart_resize(height, width, proc.factor, proc.min_pixels, proc.max_pixels)
+
+
+# How a family sizes an image: name -> (height, width, processor) -> (h, w) in px, multiples of the
+# processor's ``factor``; a rule reads the processor's settings (``resize_options`` for its own).
+# "smart": Qwen2-VL's ``smart_resize`` between ``min_pixels`` and ``max_pixels``.
+RESIZE_RULES: dict[str, Callable[[int, int, ImageProcessor], tuple[int, int]]] = {"smart": _smart_resize}
+
+
 class ImageProcessor:
     """Images (and videos) -> one ``PackedBatch``, with Qwen2-VL semantics.
 
@@ -128,6 +138,8 @@ class ImageProcessor:
         max_patches_per_call: refuse a call whose output would have more patch rows than this
             (``DEFAULT_MAX_PATCHES_PER_CALL`` = 262144, about 1.15 GiB of float32 ``pixel_values`` with
             14-px patches), before anything is decoded; None: no limit.
+        resize: how images are sized, a name in ``RESIZE_RULES`` ("smart": Qwen2-VL's
+            ``smart_resize``); ``resize_options``: that rule's own settings (a dict).
         strategy: None (Qwen2-VL native, the default) or a resolution strategy of
             ``nativevit.strategies`` (a name such as ``"llava_next"``, ``"internvl"``, or a
             ``Strategy``): each image becomes that strategy's views (global / tiles / native), each
@@ -156,6 +168,8 @@ class ImageProcessor:
         pixel_cap: int = 16384 * 28 * 28,
         max_input_pixels: int | None = DEFAULT_MAX_INPUT_PIXELS,
         max_patches_per_call: int | None = DEFAULT_MAX_PATCHES_PER_CALL,
+        resize: str = "smart",
+        resize_options: dict | None = None,
         strategy=None,
     ):
         for name, value in (
@@ -183,6 +197,14 @@ class ImageProcessor:
                 f"ImageProcessor image_std must be > 0 per channel, got {self.image_std.tolist()}"
             )
         self._table()  # refuses a mean/std pair whose normalised values overflow float32
+        if resize not in RESIZE_RULES:
+            raise ValueError(f"ImageProcessor resize must be one of {sorted(RESIZE_RULES)}, got {resize!r}")
+        if resize_options is not None and not isinstance(resize_options, dict):
+            raise TypeError(
+                f"ImageProcessor resize_options must be a dict, got {type(resize_options).__name__}"
+            )
+        self.resize = resize
+        self.resize_options = dict(resize_options or {})
         self.pixel_cap = pixel_cap
         self.max_input_pixels = max_input_pixels
         self.max_patches_per_call = max_patches_per_call
@@ -250,7 +272,7 @@ class ImageProcessor:
         to (``smart_resize``); ``ValueError`` (naming ``where``) for an aspect ratio over 200 or a
         result over ``pixel_cap`` pixels."""
         check_aspect_ratio(width, height, where=where)
-        h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        h, w = RESIZE_RULES[self.resize](height, width, self)
         if h * w > self.pixel_cap:
             raise ValueError(
                 f"{where}{': ' if where else ''}a {height}x{width} (HxW) image would be resized to "

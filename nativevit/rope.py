@@ -17,6 +17,36 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float32) / spatial_dim))
 
 
+def _axial_qwen(head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(head_dim, theta)
+    return inv_freq, inv_freq
+
+
+def _axial_interleaved(head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return inv_freq[0::2], inv_freq[1::2]
+
+
+# How a family spreads its frequencies over the two axes: name -> (head_dim, theta) -> (row freqs, col
+# freqs), ``head_dim//4`` float32 each. "qwen": the same ``theta^(-4j/head_dim)`` on both axes (Qwen,
+# GLM, ERNIE, PaddleOCR-VL); "interleaved": the ``head_dim//2`` 1D frequencies ``theta^(-2j/head_dim)``,
+# even ones to rows and odd ones to columns (Pixtral).
+ROPE_FREQUENCIES = {"qwen": _axial_qwen, "interleaved": _axial_interleaved}
+
+
+def rope_axis_freqs(
+    head_dim: int, theta: float = 10000.0, kind: str = "qwen"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row, col)`` inverse frequencies of the 2D rotary embedding ``kind`` (see ``ROPE_FREQUENCIES``)."""
+    try:
+        build = ROPE_FREQUENCIES[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown rotary frequency layout {kind!r}; known: {sorted(ROPE_FREQUENCIES)}"
+        ) from None
+    return build(head_dim, theta)
+
+
 def rope_position_ids(grid_thw: list[tuple[int, int, int]], merge_size: int = 2) -> torch.Tensor:
     """``(N, 2)`` int64 (row, col) of every patch, in the 2x2 merge-block row order of the processor."""
     ids = []
@@ -44,13 +74,16 @@ def rope_cos_sin(
     theta: float = 10000.0,
     merge_size: int = 2,
     device: torch.device | str | None = None,
+    kind: str = "qwen",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of shape ``(N, head_dim//2)`` float32: ``[row angles | col angles]`` per patch."""
-    inv_freq = rope_inv_freq(head_dim, theta)
+    """``cos, sin`` of shape ``(N, head_dim//2)`` float32: ``[row angles | col angles]`` per patch, with
+    the frequency layout ``kind`` (see ``ROPE_FREQUENCIES``)."""
+    rows, cols = rope_axis_freqs(head_dim, theta, kind)
     longest = max(max(h, w) for _, h, w in grid_thw)
-    angles = torch.arange(longest, dtype=torch.float32)[:, None] * inv_freq  # (longest, head_dim/4)
+    steps = torch.arange(longest, dtype=torch.float32)[:, None]
     pos = rope_position_ids(grid_thw, merge_size)
-    freqs = angles[pos].flatten(1)  # (N, 2, head_dim/4) -> (N, head_dim/2)
+    # (N, head_dim/4) row angles | (N, head_dim/4) col angles
+    freqs = torch.cat([(steps * rows)[pos[:, 0]], (steps * cols)[pos[:, 1]]], dim=1)
     return freqs.cos().to(device), freqs.sin().to(device)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import VisionConfig
+from ..config import FAMILIES, VisionConfig
 from ..model import NativeViT
 from ..ops import resolve_backend
 from ..packing import PackedBatch, plan_batch
@@ -35,7 +35,8 @@ from .results import Row, roofline_row, shape
 MODES = ("packed", "padded", "transformers", "compiled")
 # tower presets: a family's widths at any depth (its ``_shallow`` preset), or a family's tiny test
 # tower (width 64 or 32) at any depth: "tiny" (Qwen2-VL), "qwen2_5_vl_tiny", "qwen3_vl_tiny"
-MODELS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "tiny", "qwen2_5_vl_tiny", "qwen3_vl_tiny")
+# every family at its release widths (shallow: --depth blocks) and its tiny test tower; "tiny" is Qwen2-VL's
+MODELS = (*FAMILIES, "tiny", *(f"{name}_tiny" for name in FAMILIES))
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 # (width, height) of the two warm-up batches of the compiled mode: other image counts and sizes than
 # any set, so the timed rounds show whether a new layout recompiles
@@ -91,7 +92,7 @@ def model_config(name: str, depth: int) -> VisionConfig:
     """The config of preset ``name`` (see :data:`MODELS`) with ``depth`` blocks."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-    if name == "tiny":
+    if name in ("tiny", "qwen2_vl_tiny"):
         return VisionConfig.tiny(depth=depth)
     if name == "qwen2_5_vl_tiny":  # windowed blocks, the last one full, as in the shallow preset
         return VisionConfig.qwen2_5_vl_tiny(depth=depth, fullatt_block_indexes=(depth - 1,))
@@ -99,7 +100,10 @@ def model_config(name: str, depth: int) -> VisionConfig:
         return VisionConfig.qwen3_vl_tiny(
             depth=depth, deepstack_visual_indexes=tuple(i for i in (0, 2) if i < depth)
         )
-    return getattr(VisionConfig, f"{name}_shallow")(depth=depth)
+    if hasattr(VisionConfig, f"{name}_shallow"):
+        return getattr(VisionConfig, f"{name}_shallow")(depth=depth)
+    tiny = name.endswith("_tiny")
+    return VisionConfig.preset(name.removesuffix("_tiny") if tiny else name, depth=depth, tiny=tiny)
 
 
 def build_model(

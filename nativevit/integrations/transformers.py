@@ -286,10 +286,11 @@ def _scalar(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def _share_parameters(ours: nn.Module, theirs: nn.Module, where: str) -> None:
-    """Make every parameter of ``ours`` the ``nn.Parameter`` object of ``theirs`` with the same name."""
+def _share_parameters(ours: nn.Module, theirs: nn.Module, where: str, rename=None) -> None:
+    """Make every parameter of ``ours`` the ``nn.Parameter`` object of ``theirs`` with the same name
+    (``rename`` maps a name of ``theirs`` to ours; default the identity)."""
     mine = dict(ours.named_parameters())
-    their = dict(theirs.named_parameters())
+    their = {(rename(k) if rename else k): p for k, p in theirs.named_parameters()}
     missing = sorted(mine.keys() - their.keys())
     extra = sorted(their.keys() - mine.keys())
     shapes = [
@@ -306,6 +307,27 @@ def _share_parameters(ours: nn.Module, theirs: nn.Module, where: str) -> None:
         owner, _, leaf = key.rpartition(".")
         setattr(ours.get_submodule(owner), leaf, param)
     _same_order(ours, theirs)
+
+
+def share_release_parameters(tower: NativeViT, hf_tower: nn.Module) -> None:
+    """Make ``tower``'s parameters those of the transformers tower ``hf_tower`` (its family's release
+    names, ``Family.key_renames``) and keep the release's names in ``state_dict`` / ``load_state_dict``,
+    so that the swapped model saves and loads its original keys."""
+    fam = tower.config.family
+    _share_parameters(tower, hf_tower, type(hf_tower).__name__, fam.model_key)
+    if not fam.key_renames:
+        return
+
+    def to_release(module, state, prefix, local_metadata):
+        for key in [k for k in state if k.startswith(prefix)]:
+            state[prefix + fam.release_key(key[len(prefix) :])] = state.pop(key)
+
+    def from_release(state, prefix, *args):
+        for key in [k for k in state if k.startswith(prefix)]:
+            state[prefix + fam.model_key(key[len(prefix) :])] = state.pop(key)
+
+    tower._register_state_dict_hook(to_release)
+    tower._register_load_state_dict_pre_hook(from_release)
 
 
 def _same_order(ours: nn.Module, theirs: nn.Module) -> None:
@@ -335,7 +357,7 @@ class QwenVisionTower(NativeViT):
         cfg = qwen_vision_config(hf_tower.config, family_name)
         with torch.device("meta"):
             tower = cls(cfg, attn_backend=attn_backend)
-        _share_parameters(tower, hf_tower, type(hf_tower).__name__)
+        share_release_parameters(tower, hf_tower)
         tower.hf_config = hf_tower.config
         tower._output_class = _output_class(hf_tower)
         tower._prefetched = _Prefetched()
