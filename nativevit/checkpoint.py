@@ -47,13 +47,16 @@ if TYPE_CHECKING:
     from .model import NativeViT
 
 # Every prefix under which some family's releases key their tower.
-TOWER_PREFIXES = tuple(dict.fromkeys(p for f in FAMILIES.values() for p in f.prefixes))
+TOWER_PREFIXES = tuple(dict.fromkeys(p for f in FAMILIES.values() for p in (*f.prefixes, *f.merger_prefixes)))
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # Top-level model types of the releases that carry a supported tower, and of vision-only directories.
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)
-VISION_ONLY_MODEL_TYPES = tuple(f"{t}_vision" for t in SUPPORTED_MODEL_TYPES)
+# (``<release>_vision``: the Qwen towers; ``<release>_vision_model``: SigLIP2's ``siglip2_vision_model``)
+VISION_ONLY_MODEL_TYPES = tuple(
+    f"{t}{suffix}" for t in SUPPORTED_MODEL_TYPES for suffix in ("_vision", "_vision_model")
+)
 
 _SHARD_FILE = re.compile(r"model-[0-9]{5,}-of-[0-9]{5,}\.safetensors")
 _BLOCK_KEY = re.compile(r"blocks\.(0|[1-9][0-9]{0,17})\.(.+)")
@@ -113,6 +116,11 @@ def read_config(path: Path) -> tuple[VisionConfig, bool]:
     raw = _read_json_object(config_file)
     model_type = raw.get("model_type")
     if "vision_config" in raw:
+        vision = raw["vision_config"]
+        vision_type = vision.get("model_type") if isinstance(vision, dict) else None
+        if model_type not in SUPPORTED_MODEL_TYPES and vision_type in SUPPORTED_MODEL_TYPES:
+            # a generic VLM (LLaVA) around a supported tower (Pixtral-12B): the tower's type decides
+            model_type = vision_type
         if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"{config_file}: model_type {model_type!r} is not supported; nativevit loads "
@@ -126,9 +134,12 @@ def read_config(path: Path) -> tuple[VisionConfig, bool]:
             raw["vision_config"],
             text_hidden_size=text.get("hidden_size"),
             model_type=family(model_type).name,
+            text_config=text,
         )
         return cfg, False
-    if isinstance(model_type, str) and model_type in VISION_ONLY_MODEL_TYPES:
+    # a tower's own save: "<type>_vision", or a supported type without a vision_config (Pixtral's tower
+    # config is model_type "pixtral")
+    if isinstance(model_type, str) and model_type in VISION_ONLY_MODEL_TYPES + SUPPORTED_MODEL_TYPES:
         return _vision_config(config_file, raw, model_type=family(model_type).name), True
     raise ValueError(
         f"{config_file}: neither a 'vision_config' entry nor a vision-tower model_type "
@@ -204,10 +215,21 @@ def _open(file: Path, shown: Path):
 def tower_key(key: str, vision_only: bool, fam: Family) -> str | None:
     """This model's name for a checkpoint key of a ``fam`` release, or None when the key is not part of
     the tower (release names are mapped through ``fam.key_renames``)."""
+    for prefix in fam.merger_prefixes:  # a merger keyed beside the tower (ERNIE-4.5-VL's resampler)
+        if key.startswith(prefix):
+            return fam.model_key("merger." + key[len(prefix) :])
     for prefix in fam.prefixes:
         if key.startswith(prefix):
-            return fam.model_key(key[len(prefix) :])
-    return fam.model_key(key) if vision_only else None
+            return _tower_name(key[len(prefix) :], fam)
+    return _tower_name(key, fam) if vision_only else None
+
+
+def _tower_name(key: str, fam: Family) -> str | None:
+    """This model's name for the release tower key ``key`` (prefix removed); None for a key the release
+    carries but the tower does not use (``fam.ignored_keys``)."""
+    if any(key == p or key.startswith(p + ".") for p in fam.ignored_keys):
+        return None
+    return fam.model_key(key)
 
 
 # (name shown in messages, resolved file, {checkpoint key: tower key}) per file holding tower tensors
@@ -483,6 +505,15 @@ def _foreign_tensors(path: Path) -> int:
     return sum(1 for k in keys if not k.startswith(TOWER_PREFIXES))
 
 
+def release_checkpoint_key(key: str, fam: Family) -> str:
+    """The release's full checkpoint key for this model's parameter ``key``: under ``fam.key_prefix``,
+    or under ``fam.merger_prefixes[0]`` for a merger keyed beside the tower."""
+    name = fam.release_key(key)
+    if fam.merger_prefixes and name.startswith("merger."):
+        return fam.merger_prefixes[0] + name[len("merger.") :]
+    return fam.key_prefix + name
+
+
 def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
     """Write ``config.json`` and safetensors shards (+ index when more than one) in the layout of the
     family's releases: top-level ``model_type`` and ``architectures``, ``vision_config`` in the
@@ -506,10 +537,12 @@ def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int 
         )
     fam = model.config.family
     config = {
-        "model_type": fam.name,
+        "model_type": fam.model_types[0],  # the release's (Pixtral's is "mistral3")
         "architectures": [fam.architecture],
         "vision_config": model.config.to_hf_dict(),
     }
+    if fam.text_fields:
+        config["text_config"] = model.config.text_hf_dict()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in model.state_dict().items():
@@ -517,7 +550,7 @@ def save_pretrained(model: NativeViT, path: str | Path, *, max_shard_bytes: int 
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][fam.key_prefix + fam.release_key(key)] = tensor.detach().contiguous().cpu()
+        shards[-1][release_checkpoint_key(key, fam)] = tensor.detach().contiguous().cpu()
         size += nbytes
     if len(shards) == 1:
         files = {SINGLE_FILE: shards[0]}

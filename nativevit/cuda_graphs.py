@@ -106,6 +106,11 @@ class CUDAGraphEncoder:
         bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, int) or b < unit or b % unit]
         if not budgets or bad:
             raise ValueError(f"budgets must be positive multiples of the merge unit {unit}, got {budgets}")
+        if getattr(model.merger, "uses_plan", False):
+            raise ValueError(
+                f"CUDAGraphEncoder: the {model.config.model_type} merger reads each image's grid (it merges "
+                "frames per image), which a graph captured for a token budget cannot follow"
+            )
         self.model = model
         self.budgets = sorted(set(budgets))
         weight = model.patch_embed.proj.weight

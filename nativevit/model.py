@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import VisionConfig
 from .packing import LAYOUTS, BatchPlan, PaddedWindows, Segments, check_grid_thw, plan_batch
-from .positions import position_kind
+from .positions import GridTable, position_kind
 
 
 class QuickGELU(nn.Module):
@@ -72,12 +72,25 @@ def _norm(kind: str, dim: int, eps: float) -> nn.Module:
     return NORM_LAYERS[kind](dim, eps=eps)
 
 
+class PatchLinear(nn.Linear):
+    """A linear patch embedding (SigLIP2), weight ``(D, C*P*P)`` over rows the processor flattens in
+    ``(P, P, C)`` order (``row_layout="tppc"``); built from the convolutions' arguments."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel_size, stride, bias: bool = True):
+        super().__init__(in_channels * math.prod(kernel_size), out_channels, bias=bias)
+
+
+# The patch embedding's kernel as the releases hold it (``Family.patch_conv``).
+PATCH_LAYERS: dict[str, type[nn.Module]] = {"conv3d": nn.Conv3d, "conv2d": nn.Conv2d, "linear": PatchLinear}
+
+
 class PatchEmbed(nn.Module):
-    """Conv3d patch embedding, kernel = stride = (T, P, P), applied as one matmul.
+    """Conv3d (or Conv2d) patch embedding, kernel = stride = (T, P, P) (or (P, P)), applied as one matmul.
 
     Kernel and stride are equal, so the convolution is exactly ``rows @ W.view(D, C*T*P*P).T``
     over the processor's rows, which are already flattened in (C, T, P, P) order. The weight keeps
-    the Conv3d shape so checkpoints load unchanged.
+    the release's shape so checkpoints load unchanged: ``(D, C, T, P, P)`` for ``kind="conv3d"``,
+    ``(D, C, P, P)`` for ``kind="conv2d"`` (still-image towers, ``temporal`` 1: the same rows).
     """
 
     def __init__(
@@ -89,10 +102,15 @@ class PatchEmbed(nn.Module):
         temporal: int,
         patch: int,
         bias: bool = False,
+        kind: str = "conv3d",
     ):
         super().__init__()
-        kernel = (temporal, patch, patch)
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=bias)
+        if kind not in PATCH_LAYERS:
+            raise ValueError(f"unknown patch embedding kind {kind!r}; known: {sorted(PATCH_LAYERS)}")
+        if kind != "conv3d" and temporal != 1:
+            raise ValueError(f"a {kind} patch embedding takes temporal_patch_size 1, got {temporal}")
+        kernel = (temporal, patch, patch) if kind == "conv3d" else (patch, patch)
+        self.proj = PATCH_LAYERS[kind](in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=bias)
         self.patch_dim = patch_dim
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -123,6 +141,7 @@ class Attention(nn.Module):
         qk_norm: str | None = None,
         eps: float = 1e-6,
         rope_fp32: bool = True,
+        rope_pairs: str = "half",
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -141,6 +160,7 @@ class Attention(nn.Module):
             self.k_norm = _norm(qk_norm, self.head_dim, eps)
         self.qk_norm = qk_norm is not None
         self.rope_fp32 = rope_fp32
+        self.interleaved = rope_pairs == "interleaved"
         self.attn_backend = attn_backend
         self.rope_backend = rope_backend
 
@@ -161,6 +181,10 @@ class Attention(nn.Module):
             q, k, v = (p(x).view(shape) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.interleaved:
+            # pairs (2i, 2i+1) -> (i, i + hd/2): one copy of q and k, the same permutation of both, so the
+            # attention scores are those of the release's complex rotation
+            q, k = (t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2) for t in (q, k))
         if cos is not None:
             if not self.rope_fp32 and q.dtype == torch.float64:
                 q, k = _rotate_in_dtype(q, k, cos, sin)
@@ -257,17 +281,18 @@ class Block(nn.Module):
             num_heads=cfg.num_heads,
             attn_backend=attn_backend,
             rope_backend=rope_backend,
-            qkv=fam.qkv,
-            qkv_bias=fam.qkv_bias,
-            proj_bias=fam.proj_bias,
+            qkv=cfg.qkv,
+            qkv_bias=cfg.qkv_bias,
+            proj_bias=cfg.proj_bias,
             qk_norm=cfg.norm_type if fam.qk_norm else None,
             eps=cfg.norm_eps,
             rope_fp32=fam.rope_fp32,
+            rope_pairs=cfg.rope_pairs,
         )
         self.norm2 = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
         mlp_layer = mlp_layer or mlp_layer_for(cfg)
         self.mlp = mlp_layer(
-            dim=cfg.embed_dim, hidden_dim=cfg.mlp_hidden_dim, act=cfg.hidden_act, bias=fam.mlp_bias
+            dim=cfg.embed_dim, hidden_dim=cfg.mlp_hidden_dim, act=cfg.hidden_act, bias=cfg.mlp_bias
         )
 
     def forward(
@@ -343,11 +368,233 @@ class NoMerger(nn.Module):
         return x
 
 
+class GlmPatchMerger(nn.Module):
+    """GLM-4V / GLM-OCR's merger: each ``m x m`` block of rows becomes one vector through ``downsample``
+    (a Conv2d to ``out_dim`` with kernel = stride = ``m`` and a bias, run as one matmul over the block's
+    rows), then ``proj`` (no bias), the LayerNorm ``post_projection_norm`` (eps 1e-5), GELU, and a
+    SwiGLU of width ``context_dim`` (``gate_proj``/``up_proj``/``down_proj``, no biases, activation
+    ``act``). :meth:`reduce` is the downsampling (what transformers returns as ``last_hidden_state``),
+    :meth:`head` the rest. ``eps`` and ``norm`` (the tower's) are not used: GLM's merger norm is its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        out_dim: int,
+        merge_size: int,
+        eps: float,
+        norm: str = "layernorm",
+        context_dim: int,
+        act: str,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.merge_size = merge_size
+        self.downsample = nn.Conv2d(dim, out_dim, kernel_size=merge_size, stride=merge_size)
+        self.proj = nn.Linear(out_dim, out_dim, bias=False)
+        self.post_projection_norm = nn.LayerNorm(out_dim)
+        self.gate_proj = nn.Linear(out_dim, context_dim, bias=False)
+        self.up_proj = nn.Linear(out_dim, context_dim, bias=False)
+        self.down_proj = nn.Linear(context_dim, out_dim, bias=False)
+        self.act1 = nn.GELU()
+        self.act_fn = _activation(act)
+
+    @staticmethod
+    def config_arguments(cfg: VisionConfig) -> dict:
+        """The arguments this merger takes beyond ``merger_arguments``' common ones."""
+        if cfg.merger_intermediate_size is None:
+            raise ValueError(
+                f"a {cfg.model_type} tower needs merger_intermediate_size (the merger's SwiGLU width)"
+            )
+        return {"context_dim": cfg.merger_intermediate_size, "act": cfg.hidden_act}
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, dim)`` rows in merge-block order -> ``(N/m^2, out_dim)``: the Conv2d over each block."""
+        weight = self.downsample.weight  # (out, dim, m, m)
+        blocks = x.view(-1, self.merge_size**2, self.dim).transpose(1, 2).reshape(-1, weight[0].numel())
+        return F.linear(blocks, weight.view(weight.shape[0], -1), self.downsample.bias)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.post_projection_norm(self.proj(x)))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.reduce(x))  # (N/m^2, out_dim)
+
+
+class ResamplerMlp(nn.Module):
+    """One stage of ERNIE-4.5-VL's resampler: ``ln(fc2(gelu(fc1(x))))``."""
+
+    def __init__(self, *, in_dim: int, out_dim: int, eps: float):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(out_dim, out_dim)
+        self.ln = nn.LayerNorm(out_dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.fc2(self.act(self.fc1(x))))
+
+
+class VariableResolutionResampler(nn.Module):
+    """ERNIE-4.5-VL's resampler (a module of its own beside the tower in the releases): each 2x2 block
+    of consecutive rows -> one vector (``spatial_linear``), then the two frames of each pair of frames
+    side by side (``temporal_linear``; a still image is paired with itself), then ``mlp`` to the
+    language model's width and an RMSNorm (``after_norm``, eps ``out_eps``: the text model's).
+
+    The pairing needs each image's frame count, so the merger takes the batch plan (``uses_plan``):
+    ``(N, D)`` rows in input order -> ``(sum over images of h*w/m^2 * max(1, t/2), out_dim)``. Videos
+    have an even number of frames (the releases' video processor repeats the last frame of an odd one).
+    """
+
+    uses_plan = True
+    temporal = 2  # frames merged per token; transformers' pairing is written for 2 only
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        out_dim: int,
+        merge_size: int,
+        eps: float,
+        norm: str = "layernorm",
+        out_eps: float | None = None,
+    ):
+        super().__init__()
+        self.unit = merge_size**2
+        self.hidden = dim * self.unit
+        self.spatial_linear = ResamplerMlp(in_dim=self.hidden, out_dim=self.hidden, eps=eps)
+        self.temporal_linear = ResamplerMlp(in_dim=self.hidden * self.temporal, out_dim=self.hidden, eps=eps)
+        self.mlp = nn.Linear(self.hidden, out_dim)
+        self.after_norm = RMSNorm(out_dim, eps=eps if out_eps is None else out_eps)
+
+    @staticmethod
+    def config_arguments(cfg: VisionConfig) -> dict:
+        return {"out_eps": cfg.merger_norm_eps}
+
+    def frame_pairs(self, grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices (of the spatially merged rows) of the first and second frame of every pair, in
+        output order: images in batch order, pairs in time order, merge blocks in row order."""
+        first, second, offset = [], [], 0
+        for t, h, w in grid:
+            n = h * w // self.unit
+            if t > 1 and t % self.temporal:
+                raise ValueError(
+                    f"a video of {t} frames (grid {t}x{h}x{w}): the resampler pairs frames, so videos need "
+                    "an even number of frames (repeat the last one, as the releases' video processor does)"
+                )
+            for a in range(0, t, self.temporal):
+                b = a + 1 if t > 1 else a
+                first.append(torch.arange(offset + a * n, offset + (a + 1) * n))
+                second.append(torch.arange(offset + b * n, offset + (b + 1) * n))
+            offset += t * n
+        return torch.cat(first).to(device), torch.cat(second).to(device)
+
+    def forward(self, x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        if plan.grid is None:
+            raise ValueError("the resampler needs the batch's grids: a plan built from grid_thw")
+        return self.resample(x, plan.grid)
+
+    def resample(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """``(N, D)`` rows in input order of images with ``(t, h, w)`` grids -> the merged tokens."""
+        x = self.spatial_linear(x.view(-1, self.hidden))  # (N/m^2, m^2 D)
+        first, second = self.frame_pairs(grid, x.device)
+        x = self.temporal_linear(torch.cat([x.index_select(0, first), x.index_select(0, second)], dim=-1))
+        return self.after_norm(self.mlp(x))  # (tokens, out_dim)
+
+
+class TemporalPoolMerge(nn.Module):
+    """Kimi-K2.5's merge, no weights: each clip's frames averaged, then every 2x2 block of patches (rows
+    already in block order) side by side: ``(N, D)`` -> ``(N_frame / 4, 4 * D)`` with ``N_frame`` the rows
+    of one frame per clip. transformers' ``pooler_output`` is this as ``(N_frame / 4, 4, D)``.
+
+    The average runs in float32 whatever the dtype and is cast back, frame by frame in frame order, as
+    transformers' ``index_add_`` does (a float64 tower's output is float32-rounded there too)."""
+
+    uses_plan = True
+
+    def __init__(self, *, dim: int, out_dim: int, merge_size: int, eps: float, norm: str = "layernorm"):
+        super().__init__()
+        self.unit = merge_size**2
+        if out_dim != dim * self.unit:
+            raise ValueError(
+                f"a weight-free {merge_size}x{merge_size} merge gives {dim * self.unit} features per token "
+                f"(embed_dim {dim} x {self.unit}), not out_hidden_size {out_dim}"
+            )
+
+    def forward(self, x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        dim = x.shape[-1]
+        if all(t == 1 for t, _, _ in plan.grid):
+            pooled = x.float()
+        else:
+            clips, start = [], 0
+            for t, h, w in plan.grid:
+                frames = x[start : start + t * h * w].float().view(t, h * w, dim)
+                weight = 1.0 / torch.tensor(float(t))  # in float32, as transformers divides
+                acc = frames[0] * weight
+                for f in range(1, t):
+                    acc = acc + frames[f] * weight
+                clips.append(acc)
+                start += t * h * w
+            pooled = torch.cat(clips)
+        return pooled.to(x.dtype).view(-1, self.unit * dim)
+
+
 MERGER_LAYERS: dict[str, type[nn.Module]] = {
     "qwen2": PatchMerger,
     "qwen3": Qwen3PatchMerger,
     "none": NoMerger,
+    "glm": GlmPatchMerger,
+    "ernie": VariableResolutionResampler,
+    "kimi": TemporalPoolMerge,
 }
+
+
+class PoolingAttention(nn.Module):
+    """The projections of ``nn.MultiheadAttention`` under its names (``in_proj_weight`` ``(3D, D)`` and
+    ``in_proj_bias``: q, k, v stacked; ``out_proj``), the layout SigLIP's pooling head is released in."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+
+class AttentionPoolingHead(nn.Module):
+    """SigLIP's multihead attention pooling: a learned ``probe`` attends over the rows of each segment
+    (one query per image), then ``y + mlp(layernorm(y))``; transformers' names (``probe``,
+    ``attention``, ``layernorm``, ``mlp``).
+
+    Packed: the single query needs no attention kernel; the softmax runs per segment with scatter
+    reductions over the ``(N, heads)`` scores, so no image is padded.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, hidden_dim: int, act: str, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        self.attention = PoolingAttention(dim)
+        self.layernorm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim=dim, hidden_dim=hidden_dim, act=act)
+
+    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+        """``(N, D)`` rows and their ``(N,)`` segment index -> ``(num_segments, D)``."""
+        n, dim = x.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        w, b = self.attention.in_proj_weight, self.attention.in_proj_bias
+        q = F.linear(self.probe.view(1, dim), w[:dim], b[:dim]).view(heads, head_dim) * head_dim**-0.5
+        k, v = F.linear(x, w[dim:], b[dim:]).view(n, 2, heads, head_dim).unbind(1)  # 2 x (N, H, hd)
+        scores = (k * q).sum(-1)  # (N, H)
+        index = segment_ids[:, None].expand(n, heads)
+        top = scores.new_full((num_segments, heads), -math.inf).scatter_reduce(0, index, scores, "amax")
+        e = (scores - top.index_select(0, segment_ids)).exp()
+        total = e.new_zeros(num_segments, heads).index_add_(0, segment_ids, e)
+        weights = e / total.index_select(0, segment_ids)
+        out = v.new_zeros(num_segments, heads, head_dim).index_add_(0, segment_ids, weights[..., None] * v)
+        out = self.attention.out_proj(out.view(num_segments, dim))
+        return out + self.mlp(self.layernorm(out))
 
 
 class NativeViT(nn.Module):
@@ -372,29 +619,33 @@ class NativeViT(nn.Module):
             temporal=cfg.temporal_patch_size,
             patch=cfg.patch_size,
             bias=cfg.patch_bias,
+            kind=cfg.family.patch_conv,
         )
         fam = cfg.family
         self.embed_norm = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if fam.embed_norm else None
         # a square learned position table, resampled to each image (see nativevit.positions)
-        self.pos_embed = (
-            nn.Embedding(cfg.num_position_embeddings, cfg.embed_dim) if cfg.num_position_embeddings else None
-        )
         self.position = position_kind(fam.position) if cfg.num_position_embeddings else None
+        self.pos_embed = None
+        if cfg.num_position_embeddings:
+            self.pos_embed = self.position.table(cfg.num_position_embeddings, cfg.embed_dim)
         self.blocks = nn.ModuleList(
             [Block(cfg, attn_backend=attn_backend, rope_backend=rope_backend) for _ in range(cfg.depth)]
         )
-        merger = dict(
-            dim=cfg.embed_dim,
-            out_dim=cfg.out_hidden_size,
-            merge_size=cfg.spatial_merge_size,
-            eps=cfg.norm_eps,
-            norm=cfg.norm_type,
-        )
+        merger = merger_arguments(cfg)
         self.post_norm = _norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if fam.post_norm else None
         self.merger = MERGER_LAYERS[fam.merger](**merger)
         if cfg.deepstack_visual_indexes:
             self.deepstack_merger_list = nn.ModuleList(
                 [Qwen3PatchMerger(**merger, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes]
+            )
+        self.head = None
+        if cfg.pooling_head:
+            self.head = AttentionPoolingHead(
+                dim=cfg.embed_dim,
+                num_heads=cfg.num_heads,
+                hidden_dim=cfg.mlp_hidden_dim,
+                act=cfg.hidden_act,
+                eps=cfg.norm_eps,
             )
         self.init_weights()
 
@@ -424,7 +675,7 @@ class NativeViT(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """Truncated-normal weights, zero biases, unit norms (a random tower for benchmarks)."""
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv3d)):
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
                 nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
                 if m.bias is not None:
                     m.bias.zero_()
@@ -433,8 +684,13 @@ class NativeViT(nn.Module):
                 m.bias.zero_()
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
-            elif isinstance(m, nn.Embedding):
+            elif isinstance(m, (nn.Embedding, GridTable)):
                 nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            elif isinstance(m, PoolingAttention):
+                nn.init.trunc_normal_(m.in_proj_weight, std=std, a=-2 * std, b=2 * std)
+                m.in_proj_bias.zero_()
+            elif isinstance(m, AttentionPoolingHead):
+                nn.init.trunc_normal_(m.probe, std=std, a=-2 * std, b=2 * std)
 
     # ------------------------------------------------------------------ forward
 
@@ -449,6 +705,11 @@ class NativeViT(nn.Module):
             raise ValueError(
                 f"pixel_values must have shape (N, {cfg.patch_dim}) = (N, C*T*P*P) with C={cfg.in_channels} "
                 f"channels, T={cfg.temporal_patch_size}, P={cfg.patch_size}; got {tuple(pixel_values.shape)}"
+            )
+        if cfg.max_frames and max(t for t, _, _ in grid) > cfg.max_frames:
+            raise ValueError(
+                f"grid_thw has a clip of {max(t for t, _, _ in grid)} frames; this tower takes at most "
+                f"{cfg.max_frames} (max_frames, its time table's rows)"
             )
         total = sum(t * h * w for t, h, w in grid)
         if pixel_values.shape[0] != total:
@@ -487,7 +748,25 @@ class NativeViT(nn.Module):
             window=cfg.window_tokens if any(cfg.windowed_blocks) else 0,
             pos_side=math.isqrt(cfg.num_position_embeddings),
             pos_kind=cfg.family.position,
+            clip_attention=cfg.family.clip_attention,
         )
+
+    def pool(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """``(N, embed_dim)`` final states (:meth:`forward_features`) -> ``(S, embed_dim)``, one vector per
+        frame (per still image) through the pooling head (SigLIP2's ``pooler_output``)."""
+        if self.head is None:
+            raise ValueError(
+                f"this {self.config.model_type} tower has no pooling head (VisionConfig.pooling_head)"
+            )
+        grid = check_grid_thw(grid_thw, self.config.spatial_merge_size)
+        lengths = [h * w for t, h, w in grid for _ in range(t)]
+        if features.dim() != 2 or features.shape[0] != sum(lengths):
+            raise ValueError(
+                f"features must be the (N, embed_dim) states of grid_thw's {sum(lengths)} patches, got "
+                f"{tuple(features.shape)}"
+            )
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        return self.head(features, ids.to(features.device), len(lengths))
 
     def forward_features(
         self,
@@ -522,9 +801,15 @@ class NativeViT(nn.Module):
         ``deepstack_features``; an empty list for towers without DeepStack). ``plan`` and ``layout``
         as in :meth:`forward_features`.
         """
-        x, deepstack = self._encode(pixel_values, grid_thw, plan, layout, deepstack=return_deepstack)
-        tokens = self.merger(x)
+        plan = self._prepare(pixel_values, grid_thw, plan, layout)
+        x, deepstack = self._run(pixel_values, plan, return_deepstack)
+        tokens = self.merge(x, plan)
         return (tokens, deepstack) if return_deepstack else tokens
+
+    def merge(self, x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        """The merger over ``x``, the final ``(N, embed_dim)`` states in input order of the batch that
+        ``plan`` describes; a merger that needs the batch's grids (``uses_plan``) gets the plan too."""
+        return self.merger(x, plan) if getattr(self.merger, "uses_plan", False) else self.merger(x)
 
     def _encode(
         self,
@@ -596,7 +881,12 @@ class NativeViT(nn.Module):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         window = cfg.window_tokens if any(cfg.windowed_blocks) else 0
-        plan = plan_batch(grid_thw, merge_size=cfg.spatial_merge_size, window=window)
+        plan = plan_batch(
+            grid_thw,
+            merge_size=cfg.spatial_merge_size,
+            window=window,
+            clip_attention=cfg.family.clip_attention,
+        )
         windows = list(plan.windows.segments.lengths) if plan.windows is not None else None
         return flops(cfg, list(plan.segments.lengths), padded=layout == "padded", window_lengths=windows)
 
@@ -627,6 +917,30 @@ class NativeViT(nn.Module):
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
 
+def merger_arguments(cfg: VisionConfig) -> dict:
+    """The keyword arguments every ``MERGER_LAYERS`` class is built with, by the model and by the FLOP
+    model alike; a merger that needs more of the config gets it added here."""
+    args = dict(
+        dim=cfg.embed_dim,
+        out_dim=cfg.out_hidden_size,
+        merge_size=cfg.spatial_merge_size,
+        eps=cfg.norm_eps,
+        norm=cfg.norm_type,
+    )
+    extra = getattr(MERGER_LAYERS[cfg.family.merger], "config_arguments", None)
+    if extra is not None:  # a merger that reads more of the config (GLM: its SwiGLU width, activation)
+        args.update(extra(cfg))
+    return args
+
+
+def merger_weights(cfg: VisionConfig) -> int:
+    """Multiply-adds per merged token of ``cfg``'s merger: the elements of its weight matrices and
+    kernels (counted on a meta-device instance, so every merger kind is counted the same way)."""
+    with torch.device("meta"):
+        layer = MERGER_LAYERS[cfg.family.merger](**merger_arguments(cfg))
+    return sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
+
+
 def flops(
     cfg: VisionConfig, lengths: list[int], *, padded: bool = False, window_lengths: list[int] | None = None
 ) -> dict[str, int]:
@@ -652,8 +966,7 @@ def flops(
     d, hid, unit = cfg.embed_dim, cfg.mlp_hidden_dim, cfg.merge_unit
     mlp_gemms = 3 if cfg.mlp_type == "swiglu" else 2
     per_row_block = 2 * (3 * d * d + d * d + mlp_gemms * d * hid)
-    mergers = 1 + len(cfg.deepstack_visual_indexes)
-    merger = mergers * 2 * (tokens // unit) * (unit * d * unit * d + unit * d * cfg.out_hidden_size)
+    merger = 2 * (tokens // unit) * merger_weights(cfg) * (1 + len(cfg.deepstack_visual_indexes))
     linear = 2 * tokens * cfg.patch_dim * d + cfg.depth * rows * per_row_block + merger
     attention = (cfg.depth - windowed) * sum(4 * n * n * d for n in lengths)
     if windowed:
@@ -672,5 +985,6 @@ __all__ = [
     "PatchEmbed",
     "PatchMerger",
     "Qwen3PatchMerger",
+    "AttentionPoolingHead",
     "flops",
 ]

@@ -572,6 +572,7 @@ def plan_batch(
     pos_side: int = 0,
     pos_kind: str = "bilinear_taps",
     rope_kind: str = "qwen",
+    clip_attention: bool = False,
 ) -> BatchPlan:
     """Build a batch's plan: segments (one per frame), window layout, rotary tables, learned-position
     taps, in ``layout`` ("packed" or "padded").
@@ -587,6 +588,7 @@ def plan_batch(
         window: window side in merged tokens (Qwen2.5-VL: 4); 0 for none.
         pos_side: side of a square learned position table to resample to every patch (the way
             ``pos_kind`` says, see ``nativevit.positions``); 0 for none.
+        clip_attention: one attention segment per clip (all ``t`` frames, Kimi-K2.5) instead of per frame.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -599,7 +601,10 @@ def plan_batch(
         grid = tuple(check_grid_thw(grid_thw, merge_size))
     else:
         grid = tuple(tuple(int(v) for v in row) for row in grid_thw)
-    segments = Segments.from_grid(grid, device)
+    if clip_attention:
+        segments = Segments([t * h * w for t, h, w in grid], device)
+    else:
+        segments = Segments.from_grid(grid, device)
     windows = None
     if window:
         windows = WindowLayout.from_grid(grid, window=window, merge_size=merge_size, device=device)
@@ -645,6 +650,6 @@ def pack_by_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
             heapq.heappush(room, (free + n, b))
         else:
             batches.append([i])
-            if n < budget:
+            if n <= budget:  # a full batch still takes empty items
                 heapq.heappush(room, (n - budget, len(batches) - 1))
     return [sorted(b) for b in batches]

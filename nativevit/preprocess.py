@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 
 from . import strategies
 from .config import FAMILIES
@@ -118,10 +119,134 @@ def _smart_resize(height: int, width: int, proc: ImageProcessor) -> tuple[int, i
     return smart_resize(height, width, proc.factor, proc.min_pixels, proc.max_pixels)
 
 
+def _longest_edge(height: int, width: int, proc: ImageProcessor) -> tuple[int, int]:
+    """Pixtral's rule: scale down (never up) to fit a ``longest_edge`` square (option, default 1024),
+    flooring each side, then round each side up to a multiple of ``factor``."""
+    longest = proc.resize_options.get("longest_edge", 1024)
+    ratio = max(height / longest, width / longest)
+    if ratio > 1:
+        height, width = math.floor(height / ratio), math.floor(width / ratio)
+    f = proc.factor
+    return -(-height // f) * f, -(-width // f) * f
+
+
+def _naflex(height: int, width: int, proc: ImageProcessor) -> tuple[int, int]:
+    """SigLIP2 NaFlex's rule: the largest scale (bisected in floats down to 1e-5, as transformers'
+    ``get_image_size_for_max_num_patches`` does) at which both sides, each rounded up to a multiple of
+    ``factor`` (at least one), give at most ``max_num_patches`` patches (option, default 256)."""
+    budget = proc.resize_options.get("max_num_patches", 256)
+    f = proc.factor
+
+    def sides(scale: float) -> tuple[int, int]:
+        return tuple(max(f, math.ceil(n * scale / f) * f) for n in (height, width))
+
+    eps = 1e-5
+    lo, hi = eps / 10, 100.0
+    while hi - lo >= eps:
+        mid = (lo + hi) / 2
+        h, w = sides(mid)
+        if (h / f) * (w / f) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return sides(lo)
+
+
+def _paddleocr_vl_resize(height: int, width: int, proc: ImageProcessor) -> tuple[int, int]:
+    """PaddleOCR-VL's rule: a side shorter than ``factor`` (option, default the processor's; 28 for the
+    release, whose merge happens in the projector) is first scaled up to it, the other side scaled
+    alike and rounded, then Qwen2-VL's ``smart_resize`` at that factor."""
+    f = proc.resize_options.get("factor", proc.factor)
+    if height < f:
+        height, width = f, round(width * f / height)
+    if width < f:
+        height, width = round(height * f / width), f
+    return smart_resize(height, width, f, proc.min_pixels, proc.max_pixels)
+
+
+def _glm_resize(height: int, width: int, proc: ImageProcessor) -> tuple[int, int]:
+    """GLM-4V's ``smart_resize``: a side shorter than ``factor`` first scales the image up (truncating
+    both sides), then Qwen's rounding, except that the pixel bounds count the ``temporal_patch_size``
+    frames an image is repeated over (``T * h * w`` against ``min_pixels`` / ``max_pixels``)."""
+    f, t = proc.factor, proc.temporal_patch_size
+    if height < f or width < f:
+        scale = max(f / height, f / width)
+        height, width = int(height * scale), int(width * scale)
+    check_aspect_ratio(width, height)
+    h_bar, w_bar = round(height / f) * f, round(width / f) * f
+    if t * h_bar * w_bar > proc.max_pixels:
+        beta = math.sqrt((t * height * width) / proc.max_pixels)
+        h_bar = max(f, math.floor(height / beta / f) * f)
+        w_bar = max(f, math.floor(width / beta / f) * f)
+    elif t * h_bar * w_bar < proc.min_pixels:
+        beta = math.sqrt(proc.min_pixels / (t * height * width))
+        h_bar = math.ceil(height * beta / f) * f
+        w_bar = math.ceil(width * beta / f) * f
+    return h_bar, w_bar
+
+
+def _navit(height: int, width: int, proc: ImageProcessor) -> tuple[int, int, int, int]:
+    """Kimi-K2.5's rule (``navit_resize``): scale down (never up) to at most ``max_patches`` patches
+    (option, default 16384) and ``max_size_per_side`` patches a side (option, default 512), truncating
+    each side; the image is resized to that and zero-padded (bottom, right) to multiples of ``factor``.
+    Returns the padded ``(h, w)`` and the resized ``(content_h, content_w)``."""
+    p, f = proc.patch_size, proc.factor
+    budget = proc.resize_options.get("max_patches", 16384)
+    side = proc.resize_options.get("max_size_per_side", 512)
+    patches = max(1.0, height // p) * max(1.0, width // p)
+    scale = min(1.0, math.sqrt(budget / patches), side * p / height, side * p / width)
+    h = min(max(1, int(height * scale)), side * p)
+    w = min(max(1, int(width * scale)), side * p)
+    return -(-h // f) * f, -(-w // f) * f, h, w
+
+
+def _torch_bicubic(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torch's antialiased bicubic resize of the uint8 image itself (transformers' torchvision backend:
+    ``tvF.resize`` runs ``F.interpolate(mode="bicubic", antialias=True)`` natively on uint8 on the CPU)."""
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()[None]  # (1, 3, H, W)
+    out = F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def _torch_bilinear(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torch's antialiased bilinear resize of the uint8 image itself (SigLIP2's torchvision processor)."""
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()[None]  # (1, 3, H, W)
+    out = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+# The resize filters, by name: PIL's, or a function ``(rgb, (h, w)) -> rgb`` ("bicubic_torch": torch's
+# uint8 antialiased bicubic, Kimi-K2.5's torchvision processor; "bilinear_torch": the same in bilinear,
+# SigLIP2's torchvision processor).
+RESAMPLE = {
+    "bicubic": PIL.Image.BICUBIC,
+    "bilinear": PIL.Image.BILINEAR,
+    "bicubic_torch": _torch_bicubic,
+    "bilinear_torch": _torch_bilinear,
+}
+
+# How uint8 values are normalised: "rescale" (``v * (1/255)`` in float64, cast to float32, then
+# ``(x - mean) / std`` in float32: the PIL processors) or "fused" (``(v - mean * 255) / (std * 255)`` in
+# float32: transformers' torchvision backend, which folds the rescale into mean and std).
+NORMALIZE = ("rescale", "fused")
+
+# How a patch is flattened into its row; the axes that take a strip of merge blocks, read as
+# (m_h, P_h, block, m_w, P_w, channel), to one temporal slot of the rows (block, m_h, m_w, ...).
+ROW_LAYOUTS = ("ctpp", "tppc")
+_STRIP_AXES = {"ctpp": (2, 0, 3, 5, 1, 4), "tppc": (2, 0, 3, 1, 4, 5)}
+
 # How a family sizes an image: name -> (height, width, processor) -> (h, w) in px, multiples of the
 # processor's ``factor``; a rule reads the processor's settings (``resize_options`` for its own).
-# "smart": Qwen2-VL's ``smart_resize`` between ``min_pixels`` and ``max_pixels``.
-RESIZE_RULES: dict[str, Callable[[int, int, ImageProcessor], tuple[int, int]]] = {"smart": _smart_resize}
+# "smart": Qwen2-VL's ``smart_resize`` between ``min_pixels`` and ``max_pixels``; "longest_edge": Pixtral's;
+# "naflex": SigLIP2's, at most ``resize_options["max_num_patches"]`` patches.
+RESIZE_RULES: dict[str, Callable[[int, int, ImageProcessor], tuple[int, int]]] = {
+    "smart": _smart_resize,
+    "longest_edge": _longest_edge,
+    "naflex": _naflex,
+    "paddleocr_vl": _paddleocr_vl_resize,
+    "navit": _navit,
+    "glm": _glm_resize,
+}
 
 
 class ImageProcessor:
@@ -140,6 +265,15 @@ class ImageProcessor:
             14-px patches), before anything is decoded; None: no limit.
         resize: how images are sized, a name in ``RESIZE_RULES`` ("smart": Qwen2-VL's
             ``smart_resize``); ``resize_options``: that rule's own settings (a dict).
+        resample: the PIL filter of the resize, a name in ``RESAMPLE`` ("bicubic": Qwen; "bilinear":
+            SigLIP2).
+        normalize: how uint8 values are normalised, one of ``NORMALIZE`` ("rescale": the PIL processors;
+            "fused": transformers' torchvision backend). ``clip_frames``: cut videos into clips of this
+            many frames, each its own grid (Kimi-K2.5: 4), ``views_per_image`` mapping them back; None:
+            one grid per video.
+        row_layout: how a patch is flattened into its row, one of ``ROW_LAYOUTS``: "ctpp" (channel,
+            time, row, column: the Conv3d towers) or "tppc" (time, row, column, channel: SigLIP2's
+            linear patch embedding over ``(P, P, C)`` patches).
         strategy: None (Qwen2-VL native, the default) or a resolution strategy of
             ``nativevit.strategies`` (a name such as ``"llava_next"``, ``"internvl"``, or a
             ``Strategy``): each image becomes that strategy's views (global / tiles / native), each
@@ -171,6 +305,10 @@ class ImageProcessor:
         resize: str = "smart",
         resize_options: dict | None = None,
         strategy=None,
+        resample: str = "bicubic",
+        row_layout: str = "ctpp",
+        normalize: str = "rescale",
+        clip_frames: int | None = None,
     ):
         for name, value in (
             ("min_pixels", min_pixels),
@@ -196,6 +334,11 @@ class ImageProcessor:
             raise ValueError(
                 f"ImageProcessor image_std must be > 0 per channel, got {self.image_std.tolist()}"
             )
+        _int_setting("clip_frames", clip_frames, allow_none=True)
+        self.clip_frames = clip_frames
+        if normalize not in NORMALIZE:
+            raise ValueError(f"ImageProcessor normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.normalize = normalize
         self._table()  # refuses a mean/std pair whose normalised values overflow float32
         if resize not in RESIZE_RULES:
             raise ValueError(f"ImageProcessor resize must be one of {sorted(RESIZE_RULES)}, got {resize!r}")
@@ -205,6 +348,12 @@ class ImageProcessor:
             )
         self.resize = resize
         self.resize_options = dict(resize_options or {})
+        if resample not in RESAMPLE:
+            raise ValueError(f"ImageProcessor resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
+        if row_layout not in ROW_LAYOUTS:
+            raise ValueError(f"ImageProcessor row_layout must be one of {ROW_LAYOUTS}, got {row_layout!r}")
+        self.resample = resample
+        self.row_layout = row_layout
         self.pixel_cap = pixel_cap
         self.max_input_pixels = max_input_pixels
         self.max_patches_per_call = max_patches_per_call
@@ -272,7 +421,7 @@ class ImageProcessor:
         to (``smart_resize``); ``ValueError`` (naming ``where``) for an aspect ratio over 200 or a
         result over ``pixel_cap`` pixels."""
         check_aspect_ratio(width, height, where=where)
-        h, w = RESIZE_RULES[self.resize](height, width, self)
+        h, w = RESIZE_RULES[self.resize](height, width, self)[:2]
         if h * w > self.pixel_cap:
             raise ValueError(
                 f"{where}{': ' if where else ''}a {height}x{width} (HxW) image would be resized to "
@@ -314,6 +463,10 @@ class ImageProcessor:
         unit = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
         mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
         std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        if self.normalize == "fused":
+            unit = np.arange(256, dtype=np.float32)
+            scale = np.float32(1.0 / (1 / 255))
+            mean, std = mean * scale, std * scale
         with np.errstate(over="ignore"):
             table = ((unit[None, :] - mean) / std).reshape(-1)
         if not np.isfinite(table).all():
@@ -326,7 +479,19 @@ class ImageProcessor:
     def _resize(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8, ``(h, w) = size``, PIL bicubic."""
         h, w = size
-        return np.asarray(PIL.Image.fromarray(rgb).resize((w, h), resample=PIL.Image.BICUBIC))
+        sizes = RESIZE_RULES[self.resize](*rgb.shape[:2], self)
+        # a rule that pads gives the resized size too; only for the size it chose (not strategy views)
+        content = tuple(sizes[2:]) if len(sizes) == 4 and tuple(sizes[:2]) == (h, w) else (h, w)
+        resample = RESAMPLE[self.resample]
+        if callable(resample):
+            resized = resample(rgb, content)
+        else:
+            resized = np.asarray(PIL.Image.fromarray(rgb).resize(content[::-1], resample=resample))
+        if content == (h, w):
+            return resized
+        canvas = np.zeros((h, w, 3), dtype=np.uint8)  # zero pixels, normalised like any other
+        canvas[: content[0], : content[1]] = resized
+        return canvas
 
     def _resize_normalize(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32 with ``(h, w) = size``, resized and normalised."""
@@ -336,8 +501,9 @@ class ImageProcessor:
 
     def _normalize_into(self, resized: np.ndarray, dest: np.ndarray, table: np.ndarray) -> None:
         """Write the ``(h, w, 3)`` uint8 frame ``resized``, normalised, into ``dest``: a
-        ``(h/(m*P), w/(m*P), m, m, 3, P, P)`` float32 view of the output (one temporal slot of the
-        frame's patch rows), one strip of merge blocks at a time."""
+        ``(h/(m*P), w/(m*P), m, m, 3, P, P)`` ("ctpp") or ``(h/(m*P), w/(m*P), m, m, P, P, 3)`` ("tppc")
+        float32 view of the output (one temporal slot of the frame's patch rows), one strip of merge
+        blocks at a time."""
         p, m = self.patch_size, self.merge_size
         strip = m * p
         offsets = np.arange(0, 768, 256)
@@ -345,7 +511,8 @@ class ImageProcessor:
             idx = resized[r * strip : (r + 1) * strip].astype(np.intp)
             idx += offsets
             vals = table.take(idx)  # (m*P, w, 3): rows (m_h, P_h), cols (block, m_w, P_w), channel
-            dest[r] = vals.reshape(m, p, dest.shape[1], m, p, 3).transpose(2, 0, 3, 5, 1, 4)
+            vals = vals.reshape(m, p, dest.shape[1], m, p, 3)
+            dest[r] = vals.transpose(_STRIP_AXES[self.row_layout])
 
     def _fill(
         self, dest: np.ndarray, load: Callable[[int], np.ndarray], n_frames: int, size: tuple[int, int]
@@ -356,16 +523,20 @@ class ImageProcessor:
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
         h, w = size
         gt = -(-n_frames // t)
-        blocks = dest.reshape(gt, h // (m * p), w // (m * p), m, m, 3, t, p, p)
+        grid = (gt, h // (m * p), w // (m * p), m, m)
+        if self.row_layout == "ctpp":
+            blocks = dest.reshape(*grid, 3, t, p, p).swapaxes(5, 6)  # (..., t, 3, p, p) view
+        else:
+            blocks = dest.reshape(*grid, t, p, p, 3)
         table = self._table()
         for f in range(n_frames):
             rgb = load(f)
             q, slot = divmod(f, t)
-            self._normalize_into(self._resize(rgb, size), blocks[q, ..., slot, :, :], table)
+            self._normalize_into(self._resize(rgb, size), blocks[q, :, :, :, :, slot], table)
             del rgb
         q, last = divmod(n_frames - 1, t)
         for slot in range(last + 1, t):  # a still image is its own second frame
-            blocks[q, ..., slot, :, :] = blocks[q, ..., last, :, :]
+            blocks[q, :, :, :, :, slot] = blocks[q, :, :, :, :, last]
 
     # ---------------------------------------------------------------- pipeline
 
@@ -479,7 +650,15 @@ class ImageProcessor:
             raise ValueError("empty image list: nothing to encode")
         if self.strategy is not None:
             return self._pack_views(images)
-        plans = [self._plan(item, f"images[{i}]") for i, item in enumerate(images)]
+        items, counts = [], []
+        for i, item in enumerate(images):
+            clips = self._clips(item)
+            where = (
+                [f"images[{i}]"] if len(clips) == 1 else [f"images[{i}] clip {j}" for j in range(len(clips))]
+            )
+            items += zip(clips, where)
+            counts.append(len(clips))
+        plans = [self._plan(item, where) for item, where in items]
         self._check_budget(plans)
         out = _Rows(sum(p.rows for p in plans), self.row_width, self.max_patches_per_call)
         grids, sizes = [], []
@@ -487,7 +666,24 @@ class ImageProcessor:
             grid, size = self._encode(plan, out)
             grids.append(grid)
             sizes.append(size)
-        return self._packed(out.result(), grids, sizes)
+        if all(n == 1 for n in counts):
+            return self._packed(out.result(), grids, sizes)
+        firsts = np.cumsum([0, *counts[:-1]])
+        return self._packed(out.result(), grids, [sizes[j] for j in firsts], views_per_image=counts)
+
+    def _clips(self, item) -> list:
+        """``item`` cut into clips of ``clip_frames`` frames when it is a video and the processor cuts
+        videos (Kimi-K2.5: clips of 4 frames, each its own grid), else ``[item]``."""
+        if not self.clip_frames:
+            return [item]
+        if isinstance(item, np.ndarray) and item.ndim == 4:
+            frames = list(item)
+        elif isinstance(item, (list, tuple)):
+            frames = list(item)
+        else:
+            return [item]
+        c = self.clip_frames
+        return [frames[i : i + c] for i in range(0, len(frames), c)] or [item]
 
     def _packed(self, rows: np.ndarray, grids, sizes, views_per_image=None) -> PackedBatch:
         """``(N, row_width)`` float32 patch rows and the ``(t, h, w)`` grids of every image (or view) ->

@@ -27,11 +27,23 @@ def _axial_interleaved(head_dim: int, theta: float) -> tuple[torch.Tensor, torch
     return inv_freq[0::2], inv_freq[1::2]
 
 
+def _axial_kimi(head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(head_dim, theta)
+    quarter = head_dim // 4
+    # rotation pair 2j turns with the column, 2j+1 with the row, both at frequency j
+    order = torch.stack([torch.arange(quarter) + quarter, torch.arange(quarter)], dim=1).flatten()
+    return inv_freq, inv_freq, order
+
+
 # How a family spreads its frequencies over the two axes: name -> (head_dim, theta) -> (row freqs, col
-# freqs), ``head_dim//4`` float32 each. "qwen": the same ``theta^(-4j/head_dim)`` on both axes (Qwen,
-# GLM, ERNIE, PaddleOCR-VL); "interleaved": the ``head_dim//2`` 1D frequencies ``theta^(-2j/head_dim)``,
-# even ones to rows and odd ones to columns (Pixtral).
-ROPE_FREQUENCIES = {"qwen": _axial_qwen, "interleaved": _axial_interleaved}
+# freqs), ``head_dim//4`` float32 each, and optionally a third element, the ``(head_dim//2,)`` column
+# order of the table: which of the ``[row angles | col angles]`` each rotation pair takes (default
+# that order itself). "qwen": the same ``theta^(-4j/head_dim)`` on both axes (Qwen, GLM, ERNIE,
+# PaddleOCR-VL); "interleaved": the ``head_dim//2`` 1D frequencies ``theta^(-2j/head_dim)``, even ones
+# to rows and odd ones to columns (Pixtral); "kimi": Qwen's frequencies, the pairs alternating column,
+# row, column, ... (Kimi-K2.5's MoonViT: complex pairs ``(x[2i], x[2i+1])`` in its release; transformers'
+# rotate-half copy keeps this order of angles).
+ROPE_FREQUENCIES = {"qwen": _axial_qwen, "interleaved": _axial_interleaved, "kimi": _axial_kimi}
 
 
 def rope_axis_freqs(
@@ -44,7 +56,7 @@ def rope_axis_freqs(
         raise ValueError(
             f"unknown rotary frequency layout {kind!r}; known: {sorted(ROPE_FREQUENCIES)}"
         ) from None
-    return build(head_dim, theta)
+    return tuple(build(head_dim, theta)[:2])
 
 
 def rope_position_ids(grid_thw: list[tuple[int, int, int]], merge_size: int = 2) -> torch.Tensor:
@@ -84,6 +96,9 @@ def rope_cos_sin(
     pos = rope_position_ids(grid_thw, merge_size)
     # (N, head_dim/4) row angles | (N, head_dim/4) col angles
     freqs = torch.cat([(steps * rows)[pos[:, 0]], (steps * cols)[pos[:, 1]]], dim=1)
+    layout = ROPE_FREQUENCIES[kind](head_dim, theta)
+    if len(layout) > 2:  # the family's column order
+        freqs = freqs[:, layout[2]]
     return freqs.cos().to(device), freqs.sin().to(device)
 
 

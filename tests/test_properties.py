@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 
 import nativevit as nv
 from nativevit.backends import backends
+from nativevit.checkpoint import release_checkpoint_key
 from nativevit.packing import pack_by_budget
 from nativevit.rope import rope_2d_ref
 
@@ -499,21 +500,35 @@ def tiny_configs(draw) -> nv.VisionConfig:
         rope_theta=draw(st.one_of(st.just(10000.0), st.floats(1.0, 1e6))),
         patch_size=patch,
     )
+    fam = nv.config.FAMILIES[family]
+    derived = {name for name, _ in fam.derived}  # computed from the rest: left to the family
     blocks = st.lists(st.integers(0, depth - 1), unique=True, max_size=depth).map(tuple)
     if family == "qwen2_vl":
         if draw(st.booleans()):
             kw["mlp_ratio"] = draw(st.one_of(st.sampled_from((1.0, 2.0, 4.0)), st.floats(0.25, 4.0)))
         else:
             kw["intermediate_size"] = draw(st.integers(1, 96))
-    else:
+    elif "intermediate_size" not in derived:
         kw["intermediate_size"] = draw(st.integers(1, 96))
+    if not fam.merger_width_field:  # no merger width of its own: the tower's output is its width
+        kw["out_hidden_size"] = embed_dim
     if family == "qwen2_5_vl":
         kw["window_size"] = draw(st.one_of(st.just(0), st.integers(merge * patch, 300)))
         kw["fullatt_block_indexes"] = draw(blocks)
     if family == "qwen3_vl":
         kw["num_position_embeddings"] = draw(st.integers(0, 8)) ** 2
         kw["deepstack_visual_indexes"] = draw(blocks)
-    return nv.VisionConfig(**kw)
+    kw.update(fam.fixed)  # what the family always has (Ernie, Pixtral: one frame)
+    kw.update({name: None for name in derived})
+    # the family's other settings (GLM's merger width, Kimi's frame count ...) from its tiny tower
+    tiny = nv.VisionConfig.preset(family, tiny=True)
+    drawn_above = ("window_size", "fullatt_block_indexes", "deepstack_visual_indexes", "mlp_ratio")
+    rest = {
+        f.name: getattr(tiny, f.name)
+        for f in dataclasses.fields(tiny)
+        if f.name not in (*kw, *derived, *drawn_above, "intermediate_size")
+    }
+    return nv.VisionConfig(**rest, **kw)
 
 
 def mlp_ratio_loses_width(cfg: nv.VisionConfig) -> bool:
@@ -560,13 +575,13 @@ def save_and_check_layout(model: nv.NativeViT, path: Path, max_shard_bytes: int 
     model.save_pretrained(path, **({} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}))
     state = model.state_dict()
     total = sum(t.numel() * t.element_size() for t in state.values())
-    prefix = model.config.family.key_prefix
     if max_shard_bytes is None or max_shard_bytes >= total:
         assert model_files(path) == {"config.json", "model.safetensors"}, sorted(model_files(path))
     else:
         index = json.loads((path / "model.safetensors.index.json").read_text())
         shards = set(index["weight_map"].values())
-        assert len(shards) > 1 and sorted(index["weight_map"]) == sorted(prefix + k for k in state)
+        keys = sorted(release_checkpoint_key(k, model.config.family) for k in state)
+        assert len(shards) > 1 and sorted(index["weight_map"]) == keys
         assert model_files(path) == {"config.json", "model.safetensors.index.json", *shards}
 
 

@@ -487,18 +487,18 @@ def test_settings_nativevit_cannot_express_name_the_field(name, overrides, field
 
 
 def test_unsupported_vision_tower_names_the_field():
-    pixtral = T.PixtralVisionConfig(
+    # (a Pixtral tower in a LLaVA is supported: tests/test_family_pixtral.py)
+    dinov2 = T.Dinov2Config(
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=1,
         num_attention_heads=4,
         image_size=28,
         patch_size=7,
-        head_dim=8,
     )
     llama = T.LlamaConfig(**{k: v for k, v in _text().items() if k != "rope_parameters"})
-    model = T.LlavaForConditionalGeneration(T.LlavaConfig(vision_config=pixtral, text_config=llama))
-    with pytest.raises(ValueError, match=r"vision_config\.model_type='pixtral'"):
+    model = T.LlavaForConditionalGeneration(T.LlavaConfig(vision_config=dinov2, text_config=llama))
+    with pytest.raises(ValueError, match=r"vision_config\.model_type='dinov2'"):
         swap_vision_tower(model)
 
 

@@ -148,7 +148,10 @@ def encoder_mode(model: NativeViT, batch: PackedBatch, *, layout: str, device) -
     dtype = next(model.parameters()).dtype
     px = batch.pixel_values.to(device=device, dtype=dtype)
     grid = batch.grid_thw
-    segments = plan_batch(grid, layout=layout, merge_size=model.config.spatial_merge_size).segments
+    cfg = model.config
+    segments = plan_batch(
+        grid, layout=layout, merge_size=cfg.spatial_merge_size, clip_attention=cfg.family.clip_attention
+    ).segments
 
     def step():
         with torch.inference_mode():

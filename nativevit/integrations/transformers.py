@@ -11,6 +11,16 @@ tower's interface: ``forward(pixel_values, grid_thw)`` returns transformers' out
 ``last_hidden_state`` in transformers' row order, window order for Qwen2.5-VL; Qwen3-VL's
 ``deepstack_features``), ``dtype``, ``spatial_merge_size``.
 
+ERNIE-4.5-VL: the tower becomes an :class:`ErnieVisionTower` (a ``QwenVisionTower`` ending at its final
+norm, ``last_hidden_state`` only, as transformers' tower) and the resampler beside it an
+:class:`ErnieResampler` (nativevit's merger with transformers' ``forward(hidden_states, grid_thw)``), both
+holding the transformers modules' parameters under their keys.
+
+Mistral 3, and LLaVA with a Pixtral tower (Pixtral-12B): the tower becomes a :class:`PixtralVisionTower`
+(a ``NativeViT`` holding the transformers tower's parameters, whose state-dict keys stay the release's
+through ``Family.key_renames``) with ``PixtralVisionModel``'s interface: ``forward(pixel_values (B, C, H,
+W) padded, image_sizes)`` -> ``last_hidden_state`` ``(1, N, D)`` and the selected ``hidden_states``.
+
 LLaVA (CLIP or SigLIP), LLaVA-NeXT, LLaVA-OneVision and InternVL: the tower becomes a
 :class:`TransformersVisionTower`, the packed CLIP / SigLIP / InternViT encoder of ``hf_vit`` with the
 vision model's interface: ``forward(pixel_values (B, C, H, W), output_hidden_states=...)`` returns
@@ -29,6 +39,8 @@ model's config is untouched, so ``save_pretrained`` writes the original layout a
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 from collections.abc import Iterable
 
@@ -36,11 +48,22 @@ import torch
 import torch.nn as nn
 
 from ..config import FAMILIES, VisionConfig
-from ..model import NativeViT
+from ..model import NativeViT, VariableResolutionResampler, merger_arguments
 from ..packing import BatchPlan, unpad_segments
 from .hf_vit import SUPPORTED_VISION_MODELS, TransformersPackedEncoder
 
-__all__ = ["QwenVisionTower", "SUPPORTED_MODELS", "TransformersVisionTower", "swap_vision_tower"]
+__all__ = [
+    "KimiVisionTower",
+    "PaddleOCRVisionTower",
+    "PixtralVisionTower",
+    "QwenVisionTower",
+    "SUPPORTED_MODELS",
+    "Siglip2VisionTower",
+    "ErnieVisionTower",
+    "ErnieResampler",
+    "TransformersVisionTower",
+    "swap_vision_tower",
+]
 
 # Supported transformers model class -> (how its tower is swapped, nativevit family for the Qwen ones)
 SUPPORTED_MODELS = {
@@ -52,6 +75,19 @@ SUPPORTED_MODELS = {
     "LlavaNextForConditionalGeneration": ("vit", None),
     "LlavaOnevisionForConditionalGeneration": ("vit", None),
     "InternVLForConditionalGeneration": ("vit", None),
+    "Mistral3ForConditionalGeneration": ("pixtral", "pixtral"),
+    "Kimi_K25ForConditionalGeneration": ("kimi", "kimi_k25"),
+    "PaddleOCRVLForConditionalGeneration": ("paddleocr", "paddleocr_vl"),
+    "Siglip2Model": ("siglip2", "siglip2"),
+    "Siglip2ForImageClassification": ("siglip2", "siglip2"),
+    "Lfm2VlForConditionalGeneration": ("siglip2", "siglip2"),
+    "Qwen3_5ForConditionalGeneration": ("qwen", "qwen3_5"),
+    "Qwen3_5MoeForConditionalGeneration": ("qwen", "qwen3_5"),
+    "Glm4vForConditionalGeneration": ("qwen", "glm4v"),
+    "Glm4vMoeForConditionalGeneration": ("qwen", "glm4v"),
+    "Glm46VForConditionalGeneration": ("qwen", "glm4v"),
+    "GlmOcrForConditionalGeneration": ("qwen", "glm_ocr"),
+    "Ernie4_5_VLMoeForConditionalGeneration": ("ernie", "ernie4_5_vl_moe"),
 }
 
 
@@ -67,6 +103,16 @@ def swap_vision_tower(model: nn.Module, *, attn_backend: str = "auto") -> nn.Mod
     """
     name = _supported_class(model)
     how, family_name = SUPPORTED_MODELS[name]
+    if how == "siglip2":  # Siglip2Model / Siglip2ForImageClassification: vision_model; LFM2-VL: vision_tower
+        own = hasattr(model, "vision_model")
+        inner, attr = (model, "vision_model") if own else (model.model, "vision_tower")
+        tower = getattr(inner, attr)
+        if isinstance(tower, Siglip2VisionTower):
+            tower.attn_backend = attn_backend
+            return model
+        new = Siglip2VisionTower.from_transformers(tower, family_name, attn_backend=attn_backend)
+        setattr(inner, attr, new)
+        return model
     inner = model.model
     if how == "qwen":
         tower = inner.visual
@@ -77,16 +123,45 @@ def swap_vision_tower(model: nn.Module, *, attn_backend: str = "auto") -> nn.Mod
         inner.visual = new
         _install_prefetch(inner, "visual", _qwen_calls)
         return model
+    if how == "kimi":  # one tower call per forward (images or videos), nothing to prefetch
+        tower = inner.vision_tower
+        if isinstance(tower, KimiVisionTower):
+            tower.attn_backend = attn_backend
+            return model
+        inner.vision_tower = KimiVisionTower.from_transformers(tower, family_name, attn_backend=attn_backend)
+        return model
+    if how == "paddleocr":  # images only: one tower call per forward, nothing to prefetch
+        tower = inner.visual
+        if isinstance(tower, PaddleOCRVisionTower):
+            tower.attn_backend = attn_backend
+            return model
+        inner.visual = PaddleOCRVisionTower.from_transformers(tower, family_name, attn_backend=attn_backend)
+        return model
+    if how == "ernie":  # the tower and, beside it, the resampler: each swapped for nativevit's
+        tower = inner.vision_tower
+        if isinstance(tower, ErnieVisionTower):
+            tower.attn_backend = attn_backend
+            return model
+        new = ErnieVisionTower.from_transformers(model.config, tower, attn_backend=attn_backend)
+        inner.vision_tower = new
+        inner.resampler_model = ErnieResampler.from_transformers(model.config, inner.resampler_model)
+        _install_prefetch(inner, "vision_tower", _qwen_calls)
+        return model
     tower = inner.vision_tower
-    if isinstance(tower, TransformersVisionTower):
+    if isinstance(tower, (TransformersVisionTower, PixtralVisionTower)):
         tower.attn_backend = attn_backend
         return model
     kind = type(tower).__name__
+    if how == "pixtral" or kind == "PixtralVisionModel":  # Mistral 3, or a LLaVA with a Pixtral tower
+        if kind != "PixtralVisionModel":
+            raise ValueError(f"{name}: expected a PixtralVisionModel tower, got {kind}")
+        inner.vision_tower = PixtralVisionTower.from_transformers(tower, attn_backend=attn_backend)
+        return model
     if kind not in SUPPORTED_VISION_MODELS:
         model_type = getattr(getattr(model.config, "vision_config", None), "model_type", None)
         raise ValueError(
             f"{name}: vision_config.model_type={model_type!r} ({kind}) is not supported; nativevit runs "
-            f"{', '.join(SUPPORTED_VISION_MODELS)} towers"
+            f"{', '.join([*SUPPORTED_VISION_MODELS, 'PixtralVisionModel'])} towers"
         )
     new = TransformersVisionTower(tower, attn_backend=attn_backend)
     inner.vision_tower = new
@@ -266,7 +341,13 @@ def qwen_vision_config(vc, family_name: str) -> VisionConfig:
         kwargs["fullatt_block_indexes"] = tuple(
             sorted({i for i in field("fullatt_block_indexes") if 0 <= i < depth})
         )
-    if fam.position_table:
+    for theirs, ours in fam.field_renames.items():  # fields the family's releases name their own way
+        if hasattr(vc, theirs):
+            for target in (ours,) if isinstance(ours, str) else ours:
+                kwargs[target] = getattr(vc, theirs)
+    if fam.position_table and fam.position_field == "image_size":  # one entry per patch of the image
+        kwargs["num_position_embeddings"] = (_scalar(field("image_size")) // kwargs["patch_size"]) ** 2
+    elif fam.position_table:
         n = field("num_position_embeddings")
         if int(n**0.5) ** 2 != n:
             refuse("num_position_embeddings", "the learned position table must be a square grid")
@@ -309,18 +390,23 @@ def _share_parameters(ours: nn.Module, theirs: nn.Module, where: str, rename=Non
     _same_order(ours, theirs)
 
 
-def share_release_parameters(tower: NativeViT, hf_tower: nn.Module) -> None:
+def share_release_parameters(tower: NativeViT, hf_tower: nn.Module, names=None) -> None:
     """Make ``tower``'s parameters those of the transformers tower ``hf_tower`` (its family's release
     names, ``Family.key_renames``) and keep the release's names in ``state_dict`` / ``load_state_dict``,
-    so that the swapped model saves and loads its original keys."""
-    fam = tower.config.family
+    so that the swapped model saves and loads its original keys. ``names``: an object with
+    ``model_key`` / ``release_key`` to use instead of the family's (a tower whose transformers names are
+    not its release's, Kimi-K2.5)."""
+    fam = names if names is not None else tower.config.family
+    order = {k: i for i, k in enumerate(hf_tower.state_dict())}  # transformers' key order
     _share_parameters(tower, hf_tower, type(hf_tower).__name__, fam.model_key)
-    if not fam.key_renames:
+    if names is None and not fam.key_renames:
         return
 
     def to_release(module, state, prefix, local_metadata):
-        for key in [k for k in state if k.startswith(prefix)]:
-            state[prefix + fam.release_key(key[len(prefix) :])] = state.pop(key)
+        ours = [k for k in state if k.startswith(prefix)]
+        mine = {fam.release_key(k[len(prefix) :]): state.pop(k) for k in ours}
+        for key in sorted(mine, key=lambda k: order.get(k, len(order))):
+            state[prefix + key] = mine[key]
 
     def from_release(state, prefix, *args):
         for key in [k for k in state if k.startswith(prefix)]:
@@ -396,7 +482,8 @@ class QwenVisionTower(NativeViT):
         out = self._compute(torch.cat([p.to(self.dtype) for p, _ in calls]), torch.cat([g for _, g in calls]))
         rows = [int(g.prod(-1).sum()) for _, g in calls]
         merged = [n // self.config.merge_unit for n in rows]
-        last = torch.split(out.last_hidden_state, rows)
+        reduced = out.last_hidden_state.shape[0] != sum(rows)  # GLM: one row per merged token
+        last = torch.split(out.last_hidden_state, merged if reduced else rows)
         pooled = torch.split(out.pooler_output, merged)
         deep = [torch.split(d, merged) for d in getattr(out, "deepstack_features", None) or []]
         for i, (pixels, grid) in enumerate(calls):
@@ -414,7 +501,12 @@ class QwenVisionTower(NativeViT):
         finally:
             for h in hooks:
                 h.remove()
-        tokens = self.merger(x)
+        reduce = getattr(self.merger, "reduce", None)
+        if reduce is not None:  # GLM: transformers' last_hidden_state is the merger's downsampling
+            x = reduce(x)
+            tokens = self.merger.head(x)
+        else:
+            tokens = self.merger(x)
         if plan.windows is not None:
             x = x.index_select(0, plan.windows.order)  # transformers leaves it in window order
         fields = dict(last_hidden_state=x, pooler_output=tokens)
@@ -488,6 +580,289 @@ def _resolve(record, depth: int) -> set[int]:
 def _selected(states: list[torch.Tensor], record, depth: int) -> tuple:
     keep = _resolve(record, depth)
     return tuple(s if i in keep else None for i, s in enumerate(states))
+
+
+# ----------------------------------------------------------------------------- Pixtral
+
+
+def pixtral_vision_config(vc) -> VisionConfig:
+    """The ``VisionConfig`` of a transformers ``PixtralVisionConfig`` (read through the family table, as
+    a release's ``vision_config``); ``ValueError`` naming what nativevit cannot express."""
+    names = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_channels",
+        "patch_size",
+        "hidden_act",
+        "rope_parameters",
+    )
+    fields = {name: getattr(vc, name) for name in names if getattr(vc, name, None) is not None}
+    try:
+        return VisionConfig.from_hf_dict(fields, model_type="pixtral")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+
+
+class PixtralVisionTower(QwenVisionTower):
+    """A Pixtral tower of a transformers model (Mistral 3, or LLaVA with a Pixtral vision config), run
+    packed by nativevit, with the parameters of the transformers tower.
+
+    It keeps ``PixtralVisionModel``'s interface: ``forward(pixel_values (B, C, H, W), image_sizes (B, 2))``
+    over images zero-padded to one size, each cut to its ``image_sizes`` (floored to whole patches) ->
+    ``BaseModelOutputWithPooling`` with ``last_hidden_state`` ``(1, N, D)`` (every image's patches in
+    raster order, one after the other) and the requested ``hidden_states``; ``patch_size``, ``dtype``.
+    """
+
+    @classmethod
+    def from_transformers(
+        cls, hf_tower: nn.Module, family_name: str = "pixtral", *, attn_backend: str = "auto"
+    ):
+        cfg = pixtral_vision_config(hf_tower.config)
+        with torch.device("meta"):
+            tower = cls(cfg, attn_backend=attn_backend)
+        share_release_parameters(tower, hf_tower)
+        tower.hf_config = hf_tower.config
+        tower._output_class = _output_class(hf_tower)
+        tower._prefetched = _Prefetched()
+        tower.train(hf_tower.training)
+        return tower
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    def patch_rows(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``(B, C, H, W)`` images and their ``(height, width)`` -> ``(N, C*P*P)`` patch rows in
+        raster order and the ``(B, 3)`` grid ``(1, height // P, width // P)``."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = getattr(pixel_values, "shape", type(pixel_values))
+            raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}")
+        b, c, H, W = pixel_values.shape
+        sizes = [(H, W)] * b if image_sizes is None else [(int(h), int(w)) for h, w in image_sizes]
+        if len(sizes) != b or any(not (0 < h <= H and 0 < w <= W) for h, w in sizes):
+            raise ValueError(f"image_sizes {sizes} do not fit {b} images of {H}x{W} px")
+        p = self.config.patch_size
+        rows, grid = [], []
+        for image, (h, w) in zip(pixel_values, sizes):
+            gh, gw = h // p, w // p
+            patches = image[:, : gh * p, : gw * p].reshape(c, gh, p, gw, p)
+            rows.append(patches.permute(1, 3, 0, 2, 4).reshape(gh * gw, c * p * p))  # (gh*gw, C*P*P)
+            grid.append((1, gh, gw))
+        return torch.cat(rows), torch.tensor(grid, dtype=torch.int64)
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs):
+        """transformers' Pixtral forward: padded images and their sizes -> its output."""
+        return_dict = kwargs.pop("return_dict", True)
+        record = _recording(kwargs, self.hf_config)
+        rows, grid = self.patch_rows(pixel_values, image_sizes)
+        plan = self.plan(grid, device=rows.device)
+        depth = self.config.depth
+        keep = _resolve(record, depth) if record is not None else set()
+        hooks, states = self._keep_states(keep - {depth})
+        try:
+            x, _ = self._encode(rows, grid, plan, None, deepstack=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        fields = dict(last_hidden_state=x[None])
+        if record is not None:
+            states = {i: unpad_segments(s, plan.segments) if plan.padded else s for i, s in states.items()}
+            states[depth] = x  # transformers ties the last hidden state to last_hidden_state
+            fields["hidden_states"] = tuple(states[i][None] if i in keep else None for i in range(depth + 1))
+        out = self._output_class(**fields)
+        return out if return_dict or return_dict is None else out.to_tuple()
+
+    def _keep_states(self, keep: set[int]):
+        """Hooks keeping the hidden states ``keep`` selects (0: the first block's input, ``i``: block
+        ``i - 1``'s output), and only those (Mistral 3 asks for one)."""
+        states: dict[int, torch.Tensor] = {}
+
+        def first(module, args) -> None:
+            states[0] = args[0]
+
+        def output(i: int):
+            def hook(module, args, out) -> None:
+                states[i] = out
+
+            return hook
+
+        hooks = [self.blocks[0].register_forward_pre_hook(first)] if 0 in keep and len(self.blocks) else []
+        hooks += [blk.register_forward_hook(output(i)) for i, blk in enumerate(self.blocks, 1) if i in keep]
+        return hooks, states
+
+
+# ----------------------------------------------------------------------------- PaddleOCR-VL
+
+
+def paddleocr_vision_config(vc) -> VisionConfig:
+    """The ``VisionConfig`` of a transformers ``PaddleOCRVisionConfig`` (read through the family table, as
+    a release's ``vision_config``); ``ValueError`` naming what nativevit cannot express."""
+    names = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_channels",
+        "image_size",
+        "patch_size",
+        "hidden_act",
+        "layer_norm_eps",
+        "rope_parameters",
+    )
+    fields = {name: getattr(vc, name) for name in names if getattr(vc, name, None) is not None}
+    try:
+        return VisionConfig.from_hf_dict(fields, model_type="paddleocr_vl")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+
+
+class PaddleOCRVisionTower(QwenVisionTower):
+    """PaddleOCR-VL's ``PaddleOCRVisionModel`` (``model.visual``), run packed by nativevit with the
+    parameters of the transformers tower.
+
+    It keeps that tower's interface: ``forward(pixel_values (1, N, C, P, P), grid_thw (B, 3))`` (patch rows
+    in raster order, as the processor gives them) -> ``BaseModelOutputWithPooling`` with
+    ``last_hidden_state`` ``(N, D)`` (after ``post_layernorm``; ``pooler_output`` None: the 2x2 merge is
+    the model's ``projector``, which stays transformers') and the requested ``hidden_states``; ``dtype``.
+    """
+
+    @classmethod
+    def from_transformers(
+        cls, hf_tower: nn.Module, family_name: str = "paddleocr_vl", *, attn_backend: str = "auto"
+    ):
+        cfg = paddleocr_vision_config(hf_tower.config)
+        with torch.device("meta"):
+            tower = cls(cfg, attn_backend=attn_backend)
+        share_release_parameters(tower, hf_tower)
+        tower.hf_config = hf_tower.config
+        tower._output_class = _output_class(hf_tower)
+        tower._prefetched = _Prefetched()
+        tower.train(hf_tower.training)
+        return tower
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None, **kwargs):
+        """transformers' PaddleOCR-VL tower forward: ``(..., C, P, P)`` patches and their grids -> its
+        output."""
+        if grid_thw is None:
+            raise ValueError("grid_thw is required: the tower runs one packed batch of native-size images")
+        return_dict = kwargs.pop("return_dict", True)
+        record = _recording(kwargs, self.hf_config)
+        rows = pixel_values.reshape(-1, self.config.patch_dim)  # (N, C*P*P), the Conv2d's flattening
+        plan = self.plan(grid_thw, device=rows.device)
+        hooks, states = self._record_blocks(record)
+        try:
+            x, _ = self._encode(rows, grid_thw, plan, None, deepstack=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        fields = dict(last_hidden_state=x, pooler_output=None)
+        if record is not None:
+            fields["hidden_states"] = _selected(_block_rows(states, plan), record, self.config.depth)
+        out = self._output_class(**fields)
+        return out if return_dict or return_dict is None else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------- SigLIP2 NaFlex
+
+
+def siglip2_vision_config(vc) -> VisionConfig:
+    """The ``VisionConfig`` of a transformers ``Siglip2VisionConfig`` (read through the family table, as
+    a release's ``vision_config``); ``ValueError`` naming what nativevit cannot express."""
+    names = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_channels",
+        "num_patches",
+        "patch_size",
+        "hidden_act",
+        "layer_norm_eps",
+        "vision_use_head",
+    )
+    fields = {name: getattr(vc, name) for name in names if getattr(vc, name, None) is not None}
+    try:
+        return VisionConfig.from_hf_dict(fields, model_type="siglip2")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+
+
+class Siglip2VisionTower(QwenVisionTower):
+    """A ``Siglip2VisionModel`` (Siglip2Model's ``vision_model``, LFM2-VL's ``vision_tower``) run packed
+    by nativevit, with the parameters of the transformers tower, its attention-pooling ``head`` (when the
+    config has ``vision_use_head``) included.
+
+    It keeps that model's interface: ``forward(pixel_values (B, L, P*P*C), pixel_attention_mask (B, L),
+    spatial_shapes (B, 2))``, each image's first ``h * w`` rows being its patches in raster order (the
+    rest padding) -> ``BaseModelOutputWithPooling`` with ``last_hidden_state`` ``(B, L, D)`` (after
+    ``post_layernorm``; padding rows are zeros, transformers leaves values there that nothing reads),
+    ``pooler_output`` ``(B, D)`` from the head (None without one) and the requested ``hidden_states``
+    (padded the same way). Only the real patches go through the blocks and the head.
+    """
+
+    @classmethod
+    def from_transformers(
+        cls, hf_tower: nn.Module, family_name: str = "siglip2", *, attn_backend: str = "auto"
+    ):
+        cfg = siglip2_vision_config(hf_tower.config)
+        with torch.device("meta"):
+            tower = cls(cfg, attn_backend=attn_backend)
+        share_release_parameters(tower, hf_tower)
+        tower.hf_config = hf_tower.config
+        tower._output_class = _output_class(hf_tower)
+        tower._prefetched = _Prefetched()
+        tower.train(hf_tower.training)
+        return tower
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """transformers' Siglip2VisionModel forward: padded patch rows, their mask and grids -> its output."""
+        if spatial_shapes is None:
+            raise ValueError("spatial_shapes is required: it gives each image's (height, width) in patches")
+        return_dict = kwargs.pop("return_dict", True)
+        record = _recording(kwargs, self.hf_config)
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 3:
+            shape = getattr(pixel_values, "shape", type(pixel_values))
+            raise ValueError(f"pixel_values must be a (batch, patches, P*P*C) tensor, got {shape}")
+        b, length, _ = pixel_values.shape
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        counts = [h * w for h, w in shapes]
+        if len(shapes) != b or any(not 0 < n <= length for n in counts):
+            raise ValueError(f"spatial_shapes {shapes} do not fit {b} images of {length} patch rows")
+        if pixel_attention_mask is not None and pixel_attention_mask.sum(-1).tolist() != counts:
+            raise ValueError(
+                "pixel_attention_mask must mark each image's first h*w rows (spatial_shapes) as its patches"
+            )
+        real = torch.cat([torch.arange(n) + i * length for i, n in enumerate(counts)]).to(pixel_values.device)
+        rows = pixel_values.reshape(b * length, -1).index_select(0, real)  # (N, P*P*C)
+        grid = torch.tensor([(1, h, w) for h, w in shapes], dtype=torch.int64)
+        plan = self.plan(grid, device=rows.device)
+        hooks, states = self._record_blocks(record)
+        try:
+            x, _ = self._encode(rows, grid, plan, None, deepstack=False)
+        finally:
+            for h in hooks:
+                h.remove()
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # (N, D) real rows -> (B, L, D), zeros elsewhere
+            return t.new_zeros(b * length, t.shape[-1]).index_copy(0, real, t).view(b, length, -1)
+
+        pooled = None if self.head is None else self.pool(x, grid)
+        fields = dict(last_hidden_state=padded(x), pooler_output=pooled)
+        if record is not None:
+            kept = _selected(_block_rows(states, plan), record, self.config.depth)
+            fields["hidden_states"] = tuple(None if t is None else padded(t) for t in kept)
+        out = self._output_class(**fields)
+        return out if return_dict or return_dict is None else out.to_tuple()
 
 
 # ----------------------------------------------------------------------------- CLIP / SigLIP / InternViT
@@ -609,3 +984,232 @@ def _vit_output_class(kind: str):
 
 def _key(record) -> object:
     return tuple(record) if isinstance(record, list) else record
+
+
+# ----------------------------------------------------------------------------- ERNIE-4.5-VL
+
+
+def ernie_vision_config(config) -> VisionConfig:
+    """The ``VisionConfig`` (tower and resampler) of a transformers ``Ernie4_5_VLMoeConfig``;
+    ``ValueError`` naming the field nativevit cannot express."""
+    vc, tc = config.vision_config, config.text_config
+    if getattr(vc, "temporal_merge_size", 2) != VariableResolutionResampler.temporal:
+        raise ValueError(
+            f"vision_config.temporal_merge_size={vc.temporal_merge_size!r}: the resampler pairs frames "
+            "(transformers' own pairing is written for 2)"
+        )
+    names = (
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "in_channels",
+        "patch_size",
+        "spatial_merge_size",
+        "hidden_act",
+        "intermediate_size",
+        "rms_norm_eps",
+        "rope_parameters",
+    )
+    release = {name: getattr(vc, name) for name in names if hasattr(vc, name)}
+    text = {"hidden_size": tc.hidden_size, "rms_norm_eps": tc.rms_norm_eps}
+    try:
+        return VisionConfig.from_hf_dict(release, model_type="ernie4_5_vl_moe", text_config=text)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+
+
+class ErnieVisionTower(QwenVisionTower):
+    """ERNIE-4.5-VL's tower of a transformers model, run by nativevit: transformers' interface
+    (``forward(hidden_states, grid_thw)`` -> ``last_hidden_state``, the rows after the final norm).
+
+    The resampler is the model's own module beside the tower (``resampler_model``, swapped for an
+    :class:`ErnieResampler`), so this tower ends at its final norm: its ``merger`` is the identity and
+    ``encode`` returns the final states.
+    """
+
+    @classmethod
+    def from_transformers(cls, config, hf_tower: nn.Module, *, attn_backend: str = "auto"):
+        cfg = ernie_vision_config(config)
+        with torch.device("meta"):
+            tower = cls(cfg, attn_backend=attn_backend)
+        tower.merger = nn.Identity()
+        share_release_parameters(tower, hf_tower)
+        tower.hf_config = hf_tower.config
+        tower._output_class = _output_class(hf_tower)
+        tower._prefetched = _Prefetched()
+        tower.train(hf_tower.training)
+        return tower
+
+    def prefetch(self, calls: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        calls = list(calls)
+        out = self._compute(torch.cat([p.to(self.dtype) for p, _ in calls]), torch.cat([g for _, g in calls]))
+        rows = [int(g.prod(-1).sum()) for _, g in calls]
+        for (pixels, grid), last in zip(calls, torch.split(out.last_hidden_state, rows)):
+            self._prefetched.put(pixels, grid, None, self._output_class(last_hidden_state=last))
+
+    def _compute(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, record=None):
+        plan = self.plan(grid_thw, device=pixel_values.device)
+        hooks, states = self._record_blocks(record)
+        try:
+            x, _ = self._encode(pixel_values, grid_thw, plan, None, deepstack=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        fields = dict(last_hidden_state=x)
+        if record is not None:
+            fields["hidden_states"] = _selected(_block_rows(states, plan), record, self.config.depth)
+        return self._output_class(**fields)
+
+
+class ErnieResampler(VariableResolutionResampler):
+    """ERNIE-4.5-VL's resampler with transformers' interface, ``forward(hidden_states, grid_thw)``, and
+    the parameters (and names) of the transformers module it replaces."""
+
+    @classmethod
+    def from_transformers(cls, config, hf_resampler: nn.Module) -> ErnieResampler:
+        cfg = ernie_vision_config(config)
+        with torch.device("meta"):
+            ours = cls(**merger_arguments(cfg))
+        _share_parameters(ours, hf_resampler, type(hf_resampler).__name__)
+        ours.train(hf_resampler.training)
+        return ours
+
+    @property
+    def spatial_merge_size(self) -> int:
+        return math.isqrt(self.unit)
+
+    @property
+    def temporal_merge_size(self) -> int:
+        return self.temporal
+
+    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.resample(hidden_states, [tuple(g) for g in grid_thw.tolist()])
+
+
+# ----------------------------------------------------------------------------- Kimi-K2.5
+
+
+def kimi_vision_config(vc) -> VisionConfig:
+    """The ``VisionConfig`` of a transformers ``Kimi_K25VisionConfig`` (read through the family table, as
+    a release's ``vision_config``), in transformers' in-memory layout: separate q/k/v whose features
+    transformers already permuted to rotate-half pairs."""
+    fields = {k: v for k, v in vc.to_dict().items() if k in _KIMI_FIELDS and v is not None}
+    try:
+        cfg = VisionConfig.from_hf_dict(fields, model_type="kimi_k25")
+        return dataclasses.replace(cfg, qkv="separate", rope_pairs="half")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+
+
+_KIMI_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "hidden_act",
+    "merge_kernel_size",
+    "pos_emb_height",
+    "pos_emb_width",
+    "pos_emb_time",
+    "rope_parameters",
+)
+
+
+class _KimiNames:
+    """transformers' in-memory names of a Kimi-K2.5 tower (``layers.{i}``, ``final_layernorm``,
+    ``patch_embed.pos_emb.position_embeddings``) <-> this model's."""
+
+    _PAIRS = (
+        ("blocks.", "layers."),
+        ("post_norm.", "final_layernorm."),
+        ("pos_embed.weight", "patch_embed.pos_emb.position_embeddings"),
+    )
+
+    @classmethod
+    def model_key(cls, key: str) -> str:
+        for ours, theirs in cls._PAIRS:
+            if key.startswith(theirs):
+                return ours + key[len(theirs) :]
+        return key
+
+    @classmethod
+    def release_key(cls, key: str) -> str:
+        for ours, theirs in cls._PAIRS:
+            if key.startswith(ours):
+                return theirs + key[len(ours) :]
+        return key
+
+
+def block_order(grid: list[tuple[int, int, int]], merge_size: int) -> torch.Tensor:
+    """``(N,)`` int64: raster row of each row in merge-block order (``rows_block = rows_raster[index]``)."""
+    index, offset = [], 0
+    for t, h, w in grid:
+        m = merge_size
+        frames = torch.arange(t * h * w).view(t, h // m, m, w // m, m).permute(0, 1, 3, 2, 4).reshape(-1)
+        index.append(frames + offset)
+        offset += t * h * w
+    return torch.cat(index)
+
+
+class KimiVisionTower(QwenVisionTower):
+    """Kimi-K2.5's ``Kimi_K25VisionModel`` (``model.vision_tower``), run packed by nativevit with the
+    parameters of the transformers tower.
+
+    It keeps that tower's interface: ``forward(pixel_values (N, C, P, P), grid_thw (B, 3))`` (patch rows in
+    raster order, as transformers' processor gives them) -> ``BaseModelOutputWithPooling`` with
+    ``last_hidden_state`` ``(N, D)`` (raster order) and ``pooler_output`` ``(N_frame / 4, 4, D)`` (each clip's
+    frames averaged, 2x2 patches grouped; the projector stays transformers') and the requested
+    ``hidden_states``; ``merge_kernel_size``, ``dtype``. The rows run in merge-block order inside (one
+    gather in, one out), so the merge is a view.
+    """
+
+    @classmethod
+    def from_transformers(
+        cls, hf_tower: nn.Module, family_name: str = "kimi_k25", *, attn_backend: str = "auto"
+    ):
+        cfg = kimi_vision_config(hf_tower.config)
+        with torch.device("meta"):
+            tower = cls(cfg, attn_backend=attn_backend)
+        share_release_parameters(tower, hf_tower, _KimiNames)
+        tower.hf_config = hf_tower.config
+        tower._output_class = _output_class(hf_tower)
+        tower._prefetched = _Prefetched()
+        tower.train(hf_tower.training)
+        return tower
+
+    @property
+    def merge_kernel_size(self) -> tuple[int, int]:
+        return (self.config.spatial_merge_size,) * 2
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None, **kwargs):
+        """transformers' Kimi-K2.5 tower forward: ``(N, C, P, P)`` raster patches and grids -> its output."""
+        if grid_thw is None:
+            raise ValueError("grid_thw is required: the tower runs one packed batch of native-size clips")
+        return_dict = kwargs.pop("return_dict", True)
+        record = _recording(kwargs, self.hf_config)
+        grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        order = block_order(grid, self.config.spatial_merge_size).to(pixel_values.device)
+        rows = pixel_values.reshape(-1, self.config.patch_dim).index_select(0, order)  # (N, C*P*P), blocks
+        plan = self.plan(grid_thw, device=rows.device)
+        hooks, states = self._record_blocks(record)
+        try:
+            x, _ = self._encode(rows, grid_thw, plan, None, deepstack=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        tokens = self.merge(x, plan)
+        raster = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        fields = dict(
+            last_hidden_state=x.index_select(0, raster),
+            pooler_output=tokens.view(tokens.shape[0], self.config.merge_unit, -1),
+        )
+        if record is not None:
+            kept = _selected(_block_rows(states, plan), record, self.config.depth)
+            kept = [None if h is None else h.index_select(0, raster) for h in kept]
+            tie = getattr(self.hf_config, "tie_last_hidden_states", None) is not False
+            if kept and kept[-1] is not None and tie:
+                kept[-1] = fields["last_hidden_state"]  # transformers' last entry is after final_layernorm
+            fields["hidden_states"] = tuple(kept)
+        out = self._output_class(**fields)
+        return out if return_dict or return_dict is None else out.to_tuple()
