@@ -152,6 +152,10 @@ def test_tower_and_resampler_match_transformers_fp64(ernie, tmp_path, layout):
         out = ours(px, grid)
     # one token per merge block of an image, per merge block of each pair of frames of a video
     assert out.shape == tokens.shape == (sum(h * w // 4 * max(1, t // 2) for t, h, w in GRID), 48)
+    print(
+        f"fp64 relative error: last_hidden_state {rel_err(feats, last):.2e}, "
+        f"resampler {rel_err(out, tokens):.2e}"
+    )
     assert rel_err(feats, last) <= 1e-10, f"last_hidden_state rel err {rel_err(feats, last):.2e}"
     assert rel_err(out, tokens) <= 1e-10, f"resampler output rel err {rel_err(out, tokens):.2e}"
 

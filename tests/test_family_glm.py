@@ -110,6 +110,7 @@ def check_parity(model: nv.NativeViT, hf, grid=GRID, **kwargs) -> float:
         feats = model.merger.reduce(model.forward_features(px, torch.tensor(grid), **kwargs))
     errs = [rel_err(tokens, ref.pooler_output), rel_err(feats, ref.last_hidden_state)]
     assert tokens.shape == ref.pooler_output.shape and feats.shape == ref.last_hidden_state.shape
+    print(f"fp64 relative error (pooler_output, last_hidden_state): {[f'{e:.2e}' for e in errs]}")
     assert max(errs) <= 1e-10, f"pooler_output / last_hidden_state rel err {errs}"
     return max(errs)
 

@@ -146,6 +146,10 @@ def ours(hf, tmp_path_factory):
 
 def test_parity_fp64_images_and_clips(hf, ours):
     feats, ref_feats, tokens, ref_tokens = run_both(hf, ours, GRID)
+    print(
+        f"fp64 relative error: features {rel_err(feats, ref_feats):.2e}, "
+        f"merged {rel_err(tokens, ref_tokens):.2e}"
+    )
     assert rel_err(feats, ref_feats) < 1e-10
     assert rel_err(tokens, ref_tokens) < 1e-10
     assert tokens.shape == (sum(h * w // 4 for _, h, w in GRID), 4 * 64)

@@ -144,6 +144,7 @@ def test_parity_fp64_through_the_loader(hf, tmp_path, prefix):
     with torch.no_grad():
         feats = model.forward_features(px, torch.tensor(GRID))
         tokens = model(px, torch.tensor(GRID))
+    print(f"fp64 relative error: last_hidden_state {rel_err(feats, ref):.2e}")
     assert rel_err(feats, ref) < 1e-10, report("last_hidden_state", feats, ref)
     assert torch.equal(tokens, feats)  # no merger in the tower: the projector merges
 

@@ -82,6 +82,7 @@ def check_parity(model, hf, grid=GRID, **kwargs) -> float:
         feats = model.forward_features(px, g, **kwargs)
     assert deepstack == [] and not hasattr(ref, "deepstack_features")
     errs = [rel_err(tokens, ref.pooler_output), rel_err(feats, ref.last_hidden_state)]
+    print(f"fp64 relative error (pooler_output, last_hidden_state): {[f'{e:.2e}' for e in errs]}")
     assert max(errs) <= 1e-10, f"pooler_output / last_hidden_state rel err {errs}"
     return max(errs)
 

@@ -585,9 +585,19 @@ def _selected(states: list[torch.Tensor], record, depth: int) -> tuple:
 # ----------------------------------------------------------------------------- Pixtral
 
 
+def release_vision_config(vc, family_name: str, names: tuple[str, ...], **kwargs) -> VisionConfig:
+    """The ``VisionConfig`` of a transformers vision config object, read through the family table as a
+    release's ``vision_config`` from its fields ``names`` (those set); ``ValueError`` naming what
+    nativevit cannot express. ``kwargs`` go to ``VisionConfig.from_hf_dict``."""
+    fields = {name: getattr(vc, name) for name in names if getattr(vc, name, None) is not None}
+    try:
+        return VisionConfig.from_hf_dict(fields, model_type=family_name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+
+
 def pixtral_vision_config(vc) -> VisionConfig:
-    """The ``VisionConfig`` of a transformers ``PixtralVisionConfig`` (read through the family table, as
-    a release's ``vision_config``); ``ValueError`` naming what nativevit cannot express."""
+    """The ``VisionConfig`` of a transformers ``PixtralVisionConfig``."""
     names = (
         "hidden_size",
         "intermediate_size",
@@ -598,11 +608,7 @@ def pixtral_vision_config(vc) -> VisionConfig:
         "hidden_act",
         "rope_parameters",
     )
-    fields = {name: getattr(vc, name) for name in names if getattr(vc, name, None) is not None}
-    try:
-        return VisionConfig.from_hf_dict(fields, model_type="pixtral")
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+    return release_vision_config(vc, "pixtral", names)
 
 
 class PixtralVisionTower(QwenVisionTower):
@@ -699,8 +705,7 @@ class PixtralVisionTower(QwenVisionTower):
 
 
 def paddleocr_vision_config(vc) -> VisionConfig:
-    """The ``VisionConfig`` of a transformers ``PaddleOCRVisionConfig`` (read through the family table, as
-    a release's ``vision_config``); ``ValueError`` naming what nativevit cannot express."""
+    """The ``VisionConfig`` of a transformers ``PaddleOCRVisionConfig``."""
     names = (
         "hidden_size",
         "intermediate_size",
@@ -713,11 +718,7 @@ def paddleocr_vision_config(vc) -> VisionConfig:
         "layer_norm_eps",
         "rope_parameters",
     )
-    fields = {name: getattr(vc, name) for name in names if getattr(vc, name, None) is not None}
-    try:
-        return VisionConfig.from_hf_dict(fields, model_type="paddleocr_vl")
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+    return release_vision_config(vc, "paddleocr_vl", names)
 
 
 class PaddleOCRVisionTower(QwenVisionTower):
@@ -770,8 +771,7 @@ class PaddleOCRVisionTower(QwenVisionTower):
 
 
 def siglip2_vision_config(vc) -> VisionConfig:
-    """The ``VisionConfig`` of a transformers ``Siglip2VisionConfig`` (read through the family table, as
-    a release's ``vision_config``); ``ValueError`` naming what nativevit cannot express."""
+    """The ``VisionConfig`` of a transformers ``Siglip2VisionConfig``."""
     names = (
         "hidden_size",
         "intermediate_size",
@@ -784,11 +784,7 @@ def siglip2_vision_config(vc) -> VisionConfig:
         "layer_norm_eps",
         "vision_use_head",
     )
-    fields = {name: getattr(vc, name) for name in names if getattr(vc, name, None) is not None}
-    try:
-        return VisionConfig.from_hf_dict(fields, model_type="siglip2")
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+    return release_vision_config(vc, "siglip2", names)
 
 
 class Siglip2VisionTower(QwenVisionTower):
@@ -1010,12 +1006,8 @@ def ernie_vision_config(config) -> VisionConfig:
         "rms_norm_eps",
         "rope_parameters",
     )
-    release = {name: getattr(vc, name) for name in names if hasattr(vc, name)}
     text = {"hidden_size": tc.hidden_size, "rms_norm_eps": tc.rms_norm_eps}
-    try:
-        return VisionConfig.from_hf_dict(release, model_type="ernie4_5_vl_moe", text_config=text)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+    return release_vision_config(vc, "ernie4_5_vl_moe", names, text_config=text)
 
 
 class ErnieVisionTower(QwenVisionTower):
@@ -1093,12 +1085,8 @@ def kimi_vision_config(vc) -> VisionConfig:
     """The ``VisionConfig`` of a transformers ``Kimi_K25VisionConfig`` (read through the family table, as
     a release's ``vision_config``), in transformers' in-memory layout: separate q/k/v whose features
     transformers already permuted to rotate-half pairs."""
-    fields = {k: v for k, v in vc.to_dict().items() if k in _KIMI_FIELDS and v is not None}
-    try:
-        cfg = VisionConfig.from_hf_dict(fields, model_type="kimi_k25")
-        return dataclasses.replace(cfg, qkv="separate", rope_pairs="half")
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"vision_config cannot be expressed by nativevit: {e}") from e
+    cfg = release_vision_config(vc, "kimi_k25", _KIMI_FIELDS)
+    return dataclasses.replace(cfg, qkv="separate", rope_pairs="half")
 
 
 _KIMI_FIELDS = (
