@@ -1,13 +1,15 @@
 """Checkpoint directories: read them as released, write them the same way. safetensors only.
 
-A released Qwen2-VL, Qwen2.5-VL or Qwen3-VL directory holds ``config.json`` (the tower described by
-``vision_config``, in the release's field names) and either ``model.safetensors`` or shards listed by
-``model.safetensors.index.json``. Tower tensors are keyed ``visual.*`` (Hub files) or ``model.visual.*``
-(transformers 5 in-memory names, and the Qwen3-VL Hub files); the top-level ``model_type``
-picks the family, and so the meaning of the ``vision_config`` fields; every other key (the language
-model) is ignored and its shards are never opened. A vision-only directory (the towers' own
-``save_pretrained`` in transformers: tower fields at the top level of config.json, ``model_type``
-``qwen2_vl_vision`` / ``qwen2_5_vl_vision`` / ``qwen3_vl_vision``, unprefixed keys) loads too.
+A released directory of any family of ``nativevit.config.FAMILIES`` holds ``config.json`` (the tower
+described by ``vision_config``, in the release's field names) and either ``model.safetensors`` or
+shards listed by ``model.safetensors.index.json``. The top-level ``model_type`` picks the family (or,
+for a LLaVA release, ``vision_config.model_type``), and so the meaning of the ``vision_config`` fields,
+the prefixes under which the tower is keyed (``Family.prefixes``: ``visual.*`` / ``model.visual.*`` for
+the Qwen releases, ``vision_tower.*`` for Mistral 3, ...) and how its keys map onto this model's
+(``Family.key_renames``); every other key (the language model) is ignored and its shards are never
+opened. A vision-only directory (the towers' own ``save_pretrained`` in transformers: tower fields at
+the top level of config.json, ``model_type`` ``qwen2_vl_vision``, ``siglip2_vision_model``, ...,
+unprefixed keys) loads too.
 
 The directory is not trusted. Every weight file must resolve (symlinks followed) inside it, or, for a
 ``huggingface_hub`` cache snapshot (``models--*/snapshots/<revision>/``), to that repository's own

@@ -1,6 +1,12 @@
-"""The Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers over packed varlen batches.
+"""The vision towers of the family table (``nativevit.config.FAMILIES``) over packed varlen batches.
 
-    pixel_values (N, C*T*P*P) --PatchEmbed--> (N, D) --depth x Block--> (N, D) --PatchMerger--> (N/4, out)
+    pixel_values (N, C*T*P*P) --PatchEmbed--> (N, D) [--embed_norm--] [+ learned positions]
+        --depth x Block--> (N, D) [--post_norm--] --merger--> (N/m^2, out)
+
+Every part is chosen by the tower's family entry (norm, MLP, merger, patch kernel, q/k/v layout,
+biases, q/k norm, rotary layout, how a learned position table is resampled, windows, DeepStack, a
+pooling head), from the registries below (``NORM_LAYERS``, ``MLP_LAYERS``, ``MERGER_LAYERS``,
+``PATCH_LAYERS``) and ``nativevit.positions`` / ``nativevit.rope``; the model has no per-family branch.
 
 Per forward, the batch metadata (``Segments``: cu_seqlens on device, max_seqlen on host) and the
 2D rotary tables are built once from ``grid_thw``; every block reuses them, so no layer touches the
@@ -11,7 +17,8 @@ Qwen2.5-VL's window attention is a second ``Segments`` (one segment per window),
 batch with the permutation that makes every window contiguous (``WindowLayout``): the tokens are
 permuted after the patch embedding, windowed blocks get the window segments and full-attention
 blocks the frame segments (the permutation never crosses a frame), and the output is permuted back.
-Qwen3-VL adds a learned position table resampled to each image and DeepStack mergers.
+Qwen3-VL adds a learned position table resampled to each image and DeepStack mergers; towers without a
+merger in the tower (Pixtral, SigLIP2, PaddleOCR-VL) return the final states.
 """
 
 from __future__ import annotations
@@ -598,7 +605,7 @@ class AttentionPoolingHead(nn.Module):
 
 
 class NativeViT(nn.Module):
-    """Qwen2-VL vision tower over a packed batch.
+    """A vision tower of the family table (Qwen2-VL by default) over a packed batch.
 
     Args:
         cfg: the tower's hyper-parameters.
@@ -902,7 +909,8 @@ class NativeViT(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> NativeViT:
-        """Load a tower from a checkpoint directory (released Qwen2-VL layout or ours). See checkpoint.py."""
+        """Load a tower from a checkpoint directory in its family's release layout (what the releases and
+        ``save_pretrained`` write). See checkpoint.py."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(

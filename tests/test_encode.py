@@ -372,6 +372,19 @@ def test_checkpoint_and_its_processor(folder, tmp_path):
     assert_same_features(load_features(out), reference(loaded, proc, paths))
 
 
+@pytest.mark.parametrize("family", ["pixtral", "siglip2", "glm4v", "ernie4_5_vl_moe"])
+def test_checkpoints_of_other_families(family, folder, tmp_path):
+    """Towers whose processors size images otherwise (Pixtral's longest edge, SigLIP2's patch budget,
+    GLM's T-counting bounds) or whose merger takes the batch's grids (ERNIE's resampler)."""
+    root, paths = folder
+    torch.manual_seed(0)
+    nv.NativeViT(nv.VisionConfig.preset(family, tiny=True)).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert run([root, "--out", out, "--checkpoint", tmp_path / "ckpt", "--quiet", "--workers", 0]) == 0
+    loaded = nv.NativeViT.from_pretrained(tmp_path / "ckpt")
+    assert_same_features(load_features(out), reference(loaded, nv.ImageProcessor.for_model(family), paths))
+
+
 def test_a_batch_out_of_memory_is_encoded_item_by_item(folder):
     from nativevit.encode.runner import encode_batch
 

@@ -238,9 +238,11 @@ def _default_workers(local_world: int) -> int:
     return max(1, min(8, cpus // max(local_world, 1) - 1))
 
 
-def _released_processor(checkpoint: Path) -> dict[str, Any]:
+def _released_processor(checkpoint: Path, pixel_bounds: bool = True) -> dict[str, Any]:
     """``min_pixels``, ``max_pixels``, ``image_mean``, ``image_std`` of a checkpoint's
-    ``preprocessor_config.json`` (either spelling of the pixel bounds), when it has one."""
+    ``preprocessor_config.json`` (either spelling of the pixel bounds), when it has one. Without
+    ``pixel_bounds`` (a family whose images are sized otherwise: Pixtral's longest edge, SigLIP2's patch
+    budget) only the mean and std."""
     file = checkpoint / "preprocessor_config.json"
     if not file.is_file():
         return {}
@@ -250,6 +252,8 @@ def _released_processor(checkpoint: Path) -> dict[str, Any]:
     out = {
         k: raw[k] for k in ("min_pixels", "max_pixels", "image_mean", "image_std") if raw.get(k) is not None
     }
+    if not pixel_bounds:
+        return {k: v for k, v in out.items() if k in ("image_mean", "image_std")}
     size = raw.get("size")
     if isinstance(size, dict):
         if "min_pixels" not in out and size.get("shortest_edge") is not None:
@@ -277,13 +281,14 @@ def make_processor(
         merge_size=cfg.spatial_merge_size,
     )
     if checkpoint is not None:
-        opts.update(_released_processor(checkpoint))
+        opts.update(_released_processor(checkpoint, pixel_bounds="max_pixels" in opts))
     if min_pixels is not None:
         opts["min_pixels"] = min_pixels
     if max_pixels is not None:
         opts["max_pixels"] = max_pixels
-    default_cap = inspect.signature(ImageProcessor).parameters["pixel_cap"].default
-    opts["pixel_cap"] = max(opts.get("pixel_cap", default_cap), opts["max_pixels"])
+    defaults = inspect.signature(ImageProcessor).parameters
+    bound = opts.get("max_pixels", defaults["max_pixels"].default)
+    opts["pixel_cap"] = max(opts.get("pixel_cap", defaults["pixel_cap"].default), bound)
     return ImageProcessor(**opts, strategy=None if strategy == NATIVE else strategy)
 
 
