@@ -43,6 +43,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -103,71 +104,58 @@ def swap_vision_tower(model: nn.Module, *, attn_backend: str = "auto") -> nn.Mod
     """
     name = _supported_class(model)
     how, family_name = SUPPORTED_MODELS[name]
+
+    def swap(inner: nn.Module, attr: str, adapter: type, build, calls=None) -> nn.Module:
+        """Put ``build(tower)`` in place of ``inner.<attr>`` (a swapped tower only changes backend)."""
+        tower = getattr(inner, attr)
+        if isinstance(tower, adapter):
+            tower.attn_backend = attn_backend
+            return model
+        setattr(inner, attr, build(tower))
+        if calls is not None:
+            _install_prefetch(inner, attr, calls)
+        return model
+
     if how == "siglip2":  # Siglip2Model / Siglip2ForImageClassification: vision_model; LFM2-VL: vision_tower
         own = hasattr(model, "vision_model")
         inner, attr = (model, "vision_model") if own else (model.model, "vision_tower")
-        tower = getattr(inner, attr)
-        if isinstance(tower, Siglip2VisionTower):
-            tower.attn_backend = attn_backend
-            return model
-        new = Siglip2VisionTower.from_transformers(tower, family_name, attn_backend=attn_backend)
-        setattr(inner, attr, new)
-        return model
+        build = partial(
+            Siglip2VisionTower.from_transformers, family_name=family_name, attn_backend=attn_backend
+        )
+        return swap(inner, attr, Siglip2VisionTower, build)
     inner = model.model
-    if how == "qwen":
-        tower = inner.visual
-        if isinstance(tower, QwenVisionTower):
-            tower.attn_backend = attn_backend
-            return model
-        new = QwenVisionTower.from_transformers(tower, family_name, attn_backend=attn_backend)
-        inner.visual = new
-        _install_prefetch(inner, "visual", _qwen_calls)
-        return model
-    if how == "kimi":  # one tower call per forward (images or videos), nothing to prefetch
-        tower = inner.vision_tower
-        if isinstance(tower, KimiVisionTower):
-            tower.attn_backend = attn_backend
-            return model
-        inner.vision_tower = KimiVisionTower.from_transformers(tower, family_name, attn_backend=attn_backend)
-        return model
-    if how == "paddleocr":  # images only: one tower call per forward, nothing to prefetch
-        tower = inner.visual
-        if isinstance(tower, PaddleOCRVisionTower):
-            tower.attn_backend = attn_backend
-            return model
-        inner.visual = PaddleOCRVisionTower.from_transformers(tower, family_name, attn_backend=attn_backend)
-        return model
+    native = {  # how -> (attribute, adapter, prefetch of a forward's calls)
+        "qwen": ("visual", QwenVisionTower, _qwen_calls),
+        "kimi": ("vision_tower", KimiVisionTower, None),  # one tower call per forward
+        "paddleocr": ("visual", PaddleOCRVisionTower, None),  # images only: one call per forward
+    }
+    if how in native:
+        attr, adapter, calls = native[how]
+        build = partial(adapter.from_transformers, family_name=family_name, attn_backend=attn_backend)
+        return swap(inner, attr, adapter, build, calls)
     if how == "ernie":  # the tower and, beside it, the resampler: each swapped for nativevit's
-        tower = inner.vision_tower
-        if isinstance(tower, ErnieVisionTower):
-            tower.attn_backend = attn_backend
-            return model
-        new = ErnieVisionTower.from_transformers(model.config, tower, attn_backend=attn_backend)
-        inner.vision_tower = new
-        inner.resampler_model = ErnieResampler.from_transformers(model.config, inner.resampler_model)
-        _install_prefetch(inner, "vision_tower", _qwen_calls)
-        return model
-    tower = inner.vision_tower
-    if isinstance(tower, (TransformersVisionTower, PixtralVisionTower)):
-        tower.attn_backend = attn_backend
-        return model
-    kind = type(tower).__name__
-    if how == "pixtral" or kind == "PixtralVisionModel":  # Mistral 3, or a LLaVA with a Pixtral tower
-        if kind != "PixtralVisionModel":
+        if not isinstance(inner.vision_tower, ErnieVisionTower):
+            inner.resampler_model = ErnieResampler.from_transformers(model.config, inner.resampler_model)
+        build = partial(ErnieVisionTower.from_transformers, model.config, attn_backend=attn_backend)
+        return swap(inner, "vision_tower", ErnieVisionTower, build, _qwen_calls)
+    kind = type(inner.vision_tower).__name__
+    pixtral = ("PixtralVisionModel", "PixtralVisionTower")
+    if how == "pixtral" or kind in pixtral:  # Mistral 3, or a LLaVA with a Pixtral tower
+        if kind not in pixtral:
             raise ValueError(f"{name}: expected a PixtralVisionModel tower, got {kind}")
-        inner.vision_tower = PixtralVisionTower.from_transformers(tower, attn_backend=attn_backend)
-        return model
-    if kind not in SUPPORTED_VISION_MODELS:
+        build = partial(PixtralVisionTower.from_transformers, attn_backend=attn_backend)
+        return swap(inner, "vision_tower", PixtralVisionTower, build)
+    if kind not in (*SUPPORTED_VISION_MODELS, "TransformersVisionTower"):
         model_type = getattr(getattr(model.config, "vision_config", None), "model_type", None)
         raise ValueError(
             f"{name}: vision_config.model_type={model_type!r} ({kind}) is not supported; nativevit runs "
             f"{', '.join([*SUPPORTED_VISION_MODELS, 'PixtralVisionModel'])} towers"
         )
-    new = TransformersVisionTower(tower, attn_backend=attn_backend)
-    inner.vision_tower = new
-    if name == "LlavaOnevisionForConditionalGeneration":
-        _install_prefetch(inner, "vision_tower", _onevision_calls)
-    return model
+    build = partial(TransformersVisionTower, attn_backend=attn_backend)
+    onevision = name == "LlavaOnevisionForConditionalGeneration"
+    return swap(
+        inner, "vision_tower", TransformersVisionTower, build, _onevision_calls if onevision else None
+    )
 
 
 def _supported_class(model: object) -> str:
