@@ -426,12 +426,24 @@ class QwenVisionTower(NativeViT):
     nativevit's ``VisionConfig``).
     """
 
+    # how transformers names the tower's parameters, when not as its release does (Kimi-K2.5)
+    release_names = None
+
     @classmethod
-    def from_transformers(cls, hf_tower: nn.Module, family_name: str, *, attn_backend: str = "auto"):
-        cfg = qwen_vision_config(hf_tower.config, family_name)
+    def release_config(cls, hf_tower: nn.Module, family_name: str) -> VisionConfig:
+        """The ``VisionConfig`` of ``hf_tower`` (its transformers config), a tower of ``family_name``."""
+        return qwen_vision_config(hf_tower.config, family_name)
+
+    @classmethod
+    def from_transformers(
+        cls, hf_tower: nn.Module, family_name: str | None = None, *, attn_backend: str = "auto"
+    ):
+        """The adapter over ``hf_tower``'s own parameters (built on the meta device, then shared);
+        ``family_name``: the nativevit family (the adapters of one family know theirs)."""
+        cfg = cls.release_config(hf_tower, *([family_name] if family_name else []))
         with torch.device("meta"):
             tower = cls(cfg, attn_backend=attn_backend)
-        share_release_parameters(tower, hf_tower)
+        share_release_parameters(tower, hf_tower, cls.release_names)
         tower.hf_config = hf_tower.config
         tower._output_class = _output_class(hf_tower)
         tower._prefetched = _Prefetched()
@@ -610,18 +622,8 @@ class PixtralVisionTower(QwenVisionTower):
     """
 
     @classmethod
-    def from_transformers(
-        cls, hf_tower: nn.Module, family_name: str = "pixtral", *, attn_backend: str = "auto"
-    ):
-        cfg = pixtral_vision_config(hf_tower.config)
-        with torch.device("meta"):
-            tower = cls(cfg, attn_backend=attn_backend)
-        share_release_parameters(tower, hf_tower)
-        tower.hf_config = hf_tower.config
-        tower._output_class = _output_class(hf_tower)
-        tower._prefetched = _Prefetched()
-        tower.train(hf_tower.training)
-        return tower
+    def release_config(cls, hf_tower: nn.Module, family_name: str = "pixtral") -> VisionConfig:
+        return pixtral_vision_config(hf_tower.config)
 
     @property
     def patch_size(self) -> int:
@@ -720,18 +722,8 @@ class PaddleOCRVisionTower(QwenVisionTower):
     """
 
     @classmethod
-    def from_transformers(
-        cls, hf_tower: nn.Module, family_name: str = "paddleocr_vl", *, attn_backend: str = "auto"
-    ):
-        cfg = paddleocr_vision_config(hf_tower.config)
-        with torch.device("meta"):
-            tower = cls(cfg, attn_backend=attn_backend)
-        share_release_parameters(tower, hf_tower)
-        tower.hf_config = hf_tower.config
-        tower._output_class = _output_class(hf_tower)
-        tower._prefetched = _Prefetched()
-        tower.train(hf_tower.training)
-        return tower
+    def release_config(cls, hf_tower: nn.Module, family_name: str = "paddleocr_vl") -> VisionConfig:
+        return paddleocr_vision_config(hf_tower.config)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None, **kwargs):
         """transformers' PaddleOCR-VL tower forward: ``(..., C, P, P)`` patches and their grids -> its
@@ -789,18 +781,8 @@ class Siglip2VisionTower(QwenVisionTower):
     """
 
     @classmethod
-    def from_transformers(
-        cls, hf_tower: nn.Module, family_name: str = "siglip2", *, attn_backend: str = "auto"
-    ):
-        cfg = siglip2_vision_config(hf_tower.config)
-        with torch.device("meta"):
-            tower = cls(cfg, attn_backend=attn_backend)
-        share_release_parameters(tower, hf_tower)
-        tower.hf_config = hf_tower.config
-        tower._output_class = _output_class(hf_tower)
-        tower._prefetched = _Prefetched()
-        tower.train(hf_tower.training)
-        return tower
+    def release_config(cls, hf_tower: nn.Module, family_name: str = "siglip2") -> VisionConfig:
+        return siglip2_vision_config(hf_tower.config)
 
     def forward(
         self,
@@ -1140,19 +1122,11 @@ class KimiVisionTower(QwenVisionTower):
     gather in, one out), so the merge is a view.
     """
 
+    release_names = _KimiNames
+
     @classmethod
-    def from_transformers(
-        cls, hf_tower: nn.Module, family_name: str = "kimi_k25", *, attn_backend: str = "auto"
-    ):
-        cfg = kimi_vision_config(hf_tower.config)
-        with torch.device("meta"):
-            tower = cls(cfg, attn_backend=attn_backend)
-        share_release_parameters(tower, hf_tower, _KimiNames)
-        tower.hf_config = hf_tower.config
-        tower._output_class = _output_class(hf_tower)
-        tower._prefetched = _Prefetched()
-        tower.train(hf_tower.training)
-        return tower
+    def release_config(cls, hf_tower: nn.Module, family_name: str = "kimi_k25") -> VisionConfig:
+        return kimi_vision_config(hf_tower.config)
 
     @property
     def merge_kernel_size(self) -> tuple[int, int]:
