@@ -273,23 +273,42 @@ NV_AVX512 inline __m512 exp_avx512(__m512 x) {
   return _mm512_scalef_ps(_mm512_add_ps(p, _mm512_set1_ps(1.f)), n);
 }
 
+// 2^t for the bf16 probabilities, which keep 8 bits: t = n + f with |f| <= 1/2, 2^f by its degree-4
+// Taylor polynomial (relative error <= 4.2e-5, under a hundredth of bf16's rounding), 2^n applied with
+// vscalefps (0 for t <= -150, -inf included); NaN stays NaN (vmaxps returns its second operand, t,
+// when either is NaN). 9 instructions where exp_avx512 takes 15.
+NV_AVX512 inline __m512 exp2_bf16_avx512(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-150.f), t);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(9.6181291e-3f);            // ln2^4 / 24
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));  // ln2^3 / 6
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));  // ln2^2 / 2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));  // ln2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
 NV_AVX512 inline __mmask16 valid_mask(int64_t valid, int64_t j) {
   return valid - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(valid - j, 0)) - 1);
 }
 
 // p[j:j+16] = exp(s * scale - m) in the P dtype (0 where masked); returns what was stored, as fp32.
+// For bf16 P, vscale and vm come multiplied by log2(e) and the exponential is exp2_bf16_avx512.
 template <typename T>
 NV_AVX512_BF16 inline __m512 exp_store(const float* s, T* p, __m512 vscale, __m512 vm, __mmask16 mask) {
-  __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(_mm512_fmsub_ps(_mm512_loadu_ps(s), vscale, vm)));
+  const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s), vscale, vm);
   if constexpr (std::is_same_v<T, float>) {
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(x));
     _mm512_storeu_ps(p, e);
+    return e;
   } else {
+    __m512 e = _mm512_maskz_mov_ps(mask, exp2_bf16_avx512(x));
     const __m256bh h = _mm512_cvtneps_pbh(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)h);
     // sum what P V will actually weigh with: the bf16-rounded probabilities
-    e = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
   }
-  return e;
 }
 
 // One row of the online softmax: p = exp(s * scale - softmax_ref(m_new)) for the first `valid` of
@@ -312,13 +331,16 @@ NV_AVX512_BF16 float softmax_row_avx512(const float* s, int64_t width, int64_t v
     vmax0 = _mm512_mask_max_ps(vmax0, valid_mask(valid, j), vmax0, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
   }
   const float m_new = std::max(m_old, _mm512_reduce_max_ps(_mm512_max_ps(vmax0, vmax1)));
-  const __m512 vm = _mm512_set1_ps(softmax_ref(m_new));
+  // bf16: exponentials in base 2 (exp2_bf16_avx512), the scale and the reference times log2(e)
+  constexpr float kUnit = std::is_same_v<T, float> ? 1.f : 1.44269504088896341f;
+  const __m512 vm = _mm512_set1_ps(softmax_ref(m_new) * kUnit);
+  const __m512 vscale_e = _mm512_set1_ps(scale * kUnit);
   __m512 vsum0 = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
   for (j = 0; j + 32 <= width; j += 32) {
-    vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale, vm, valid_mask(valid, j)));
-    vsum1 = _mm512_add_ps(vsum1, exp_store(s + j + 16, p + j + 16, vscale, vm, valid_mask(valid, j + 16)));
+    vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale_e, vm, valid_mask(valid, j)));
+    vsum1 = _mm512_add_ps(vsum1, exp_store(s + j + 16, p + j + 16, vscale_e, vm, valid_mask(valid, j + 16)));
   }
-  if (j < width) vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale, vm, valid_mask(valid, j)));
+  if (j < width) vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale_e, vm, valid_mask(valid, j)));
   *m_new_out = m_new;
   return _mm512_reduce_add_ps(_mm512_add_ps(vsum0, vsum1));
 }
