@@ -34,6 +34,7 @@ from . import ops
 from .config import VisionConfig
 from .packing import LAYOUTS, BatchPlan, PaddedWindows, Segments, check_grid_thw, plan_batch
 from .positions import GridTable, position_kind
+from .rope import rope_2d_ref
 
 
 class QuickGELU(nn.Module):
@@ -194,7 +195,7 @@ class Attention(nn.Module):
             q, k = (t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2) for t in (q, k))
         if cos is not None:
             if not self.rope_fp32 and q.dtype == torch.float64:
-                q, k = _rotate_in_dtype(q, k, cos, sin)
+                q, k = rope_2d_ref(q, k, cos, sin, math_dtype=None)
             else:
                 q, k = ops.apply_rope_2d(q, k, cos, sin, backend=self.rope_backend)
         if relayout is not None:
@@ -204,20 +205,6 @@ class Attention(nn.Module):
         if relayout is not None:
             out = relayout.to_frames(out)
         return self.proj(out.reshape(n, -1))
-
-
-def _rotate_in_dtype(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotate-half rotation in the inputs' own dtype (the float32 tables cast to it)."""
-    c = torch.cat([cos, cos], dim=-1)[:, None, :].to(q.dtype)
-    s = torch.cat([sin, sin], dim=-1)[:, None, :].to(q.dtype)
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * c + torch.cat([-x2, x1], dim=-1) * s
-
-    return rotate(q), rotate(k)
 
 
 class Mlp(nn.Module):

@@ -477,7 +477,8 @@ class ImageProcessor:
         return table
 
     def _resize(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8, ``(h, w) = size``, PIL bicubic."""
+        """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8, ``(h, w) = size``, with the ``resample`` filter;
+        a resize rule that pads (Kimi-K2.5's) resizes to its content size and zero-pads to ``size``."""
         h, w = size
         sizes = RESIZE_RULES[self.resize](*rgb.shape[:2], self)
         # a rule that pads gives the resized size too; only for the size it chose (not strategy views)

@@ -103,19 +103,27 @@ def rope_cos_sin(
 
 
 def rope_2d_ref(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    math_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference rotation in plain torch, fp32 math, rotate-half pairing ``(i, i + d/2)``.
+    """Reference rotation in plain torch, rotate-half pairing ``(i, i + d/2)``.
 
     ``q``, ``k``: ``(total, heads, head_dim)``; ``cos``, ``sin``: ``(total, head_dim//2)``.
-    ``out[..., :d/2] = x1*cos - x2*sin``; ``out[..., d/2:] = x2*cos + x1*sin``; cast back to the
-    input dtype. fp32 math even for fp64 inputs, exactly as transformers does, so fp64 parity holds.
+    ``out[..., :d/2] = x1*cos - x2*sin``; ``out[..., d/2:] = x2*cos + x1*sin`` in ``math_dtype``, cast
+    back to the input dtype. The default is fp32 math even for fp64 inputs, exactly as the Qwen towers
+    of transformers do, so fp64 parity holds; ``math_dtype=None`` rotates in the inputs' own dtype
+    (towers that rotate in the input dtype: Pixtral; the float64 yardstick of the benchmarks).
     """
-    c = cos[:, None, :].float()
-    s = sin[:, None, :].float()
+    dtype = q.dtype if math_dtype is None else math_dtype
+    c = cos[:, None, :].to(dtype)
+    s = sin[:, None, :].to(dtype)
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
+        x1, x2 = x.to(dtype).chunk(2, dim=-1)
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)

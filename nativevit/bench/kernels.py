@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..preprocess import ImageProcessor
+from ..rope import rope_2d_ref
 from .encoder import DEFAULT_MAX_PIXELS
 from .env import DTYPES, hardware_name, quiet_cpu_compile
 from .flops import ATTENTION_BWD_FACTOR, attention_bytes, attention_flops, rope_bytes, rope_flops
@@ -102,14 +103,6 @@ def work(
     return rope_flops(total, heads, head_dim), rope_bytes(total, heads, head_dim, elem)
 
 
-def _rope_fp64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotate-half rotation in float64 (``rope_2d_ref`` computes in fp32 by design, as transformers
-    does, so it cannot serve as the float64 yardstick)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, None, :].double(), sin[:, None, :].double()
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-
-
 # Elements of the largest score matrix the float64 attention reference holds at once (256 MiB).
 REFERENCE_CHUNK = 1 << 25
 
@@ -153,7 +146,7 @@ def reference(p: Problem, douts: tuple[torch.Tensor, ...], backward: bool):
     qkv = p.qkv.detach().double().requires_grad_(backward)
     q, k, v = qkv.unbind(1)
     with torch.enable_grad() if backward else torch.no_grad():
-        outs = (_rope_fp64(q, p.cos, p.sin), _rope_fp64(k, p.cos, p.sin))
+        outs = rope_2d_ref(q, k, p.cos, p.sin, math_dtype=torch.float64)
     grad = None
     if backward:
         (grad,) = torch.autograd.grad(outs, qkv, tuple(d.double() for d in douts))
