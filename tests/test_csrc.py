@@ -284,6 +284,35 @@ def test_attention_large_scores_stay_finite():
     check("large scores", out, varlen_attention_ref(q, k, v, seg, 16**-0.5), ref, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_later_key_far_above_first_block(dtype):
+    """Key blocks after a row's first are exponentiated against the max the row has so far, without a max
+    pass; a key scoring far above it (by about 80 where the bound on P, 2^16, allows 11) must send its
+    row group back to the exact path. Without that, its P (~e^75) times its value (2^24) overflows O.
+    (Relative tolerances: the rows are about 2^24, where a float32 ulp is 2 and torch's fp32 happens to
+    be exact.)"""
+    q, k, v, seg = kc.qkv([700, 9, 300], 2, 80, dtype, strided=False)
+    q[:, :, 0] = 16.0
+    for j in (500, 709 + 290):
+        k[j, :, 0], v[j] = 45.0, 2.0**24  # scores 720 / sqrt(80) = 80.5, the rest's about N(0, 4)
+    scale = 80**-0.5
+    out = nv.ops.varlen_attention(q, k, v, seg, scale=scale, backend="cpu")
+    ref64 = varlen_attention_ref(q.double(), k.double(), v.double(), seg, scale)
+    assert torch.isfinite(out).all()
+    rtol = 2e-6 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=rtol * 4)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_attention_non_positive_scale(scale):
+    """scale <= 0 (a max of scores is then no max of scaled scores): every block takes the exact path."""
+    q, k, v, seg = kc.qkv([300, 5], 2, 64, torch.bfloat16, strided=False)
+    # the public op refuses such a scale; the kernel takes any
+    out = torch.ops.nativevit.cpp_varlen_attention(q, k, v, seg.cu_seqlens, seg.max_seqlen, scale)
+    ref64 = varlen_attention_ref(q.double(), k.double(), v.double(), seg, scale)
+    check(f"scale {scale}", out, varlen_attention_ref(q, k, v, seg, scale), ref64, 2)
+
+
 # ------------------------------------------------------------------------------- opcheck, model
 
 

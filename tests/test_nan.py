@@ -223,3 +223,21 @@ def test_rows_whose_first_key_block_all_scores_minus_inf(device, backend, dtype,
     got = _check(backend, dtype, device, LONG, poison, monkeypatch, segment=1)
     seg = got[rows, 1]
     assert seg[123].isnan().all() and seg[torch.arange(300) != 123].isfinite().all()
+
+
+@BACKENDS
+@DTYPES
+def test_inf_key_past_the_first_key_block(device, backend, dtype, monkeypatch):
+    """k_j = (inf, 0, ..., 0) for a key after the first block of a 300-token segment, whose first block is
+    finite: the CPU kernel's later blocks run against the reference the first gave (no max pass), and
+    there a -inf score must still weigh 0 and a +inf score still make its row NaN."""
+    j, rows = 5 + 200, _rows_of(LONG, 1)
+    positive = torch.arange(300) % 3 == 0
+
+    def poison(q, k, v):
+        k[j, 0] = 0
+        k[j, 0, 0] = INF
+        q[rows, 0, 0] = torch.where(positive, 1.0, -1.0).to(q.dtype)
+
+    got = _check(backend, dtype, device, LONG, poison, monkeypatch, segment=1)
+    assert got[rows, 0][positive].isnan().all() and got[rows, 0][~positive].isfinite().all()

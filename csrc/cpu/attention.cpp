@@ -3,12 +3,17 @@
 // Forward. Q, K and V of every (segment, head) are packed once per call into the layouts the
 // microkernels stream (microkernels.h). Work items are (segment, head, query block of kBlockM rows),
 // longest segments first, pulled from an atomic counter by every thread: one long image and many
-// small ones keep all cores busy. Per item and key block of kBlockN keys: S = Q K^T (microkernel),
-// online softmax in fp32 (running max and sum per row), O = alpha O + P V (microkernel, P in the
-// input dtype as FlashAttention does), finally O / l. Takes float32 and bfloat16. NaN and inf give
-// what SDPA's math gives per segment: a NaN or +inf score makes its row NaN (exp(NaN) stays NaN in
-// microkernels.h), -inf scores weigh 0 (a row whose scores are all -inf so far sums zeros, not
-// exp(-inf - -inf) = NaN), and a row with no score above -inf is 0.
+// small ones keep all cores busy. Per item, row group of kRows rows and key block: a row group's
+// first block (kFirstBlock keys) is exact: S = Q K^T (microkernel), the row max, P = exp(S - max) in
+// the input dtype as FlashAttention does, sums in fp32. Later blocks (kBlockN keys) reuse that max as
+// the reference, as FlashAttention-4 rescales lazily: P comes straight from the QK microkernel's
+// registers (qk_p: no S buffer, no max pass, no rescale of O) while the block's max is tracked, and a
+// block whose max passed the reference by more than kLazyBound (P > 2^16), or whose sums are not
+// finite, is redone exactly with a new max. Then O = alpha O + P V (microkernel), finally O / l.
+// Takes float32 and bfloat16. NaN and inf give what SDPA's math gives per segment: a NaN or +inf
+// score makes its row NaN (exp(NaN) stays NaN in microkernels.h), -inf scores weigh 0 (a row whose
+// scores are all -inf so far sums zeros, not exp(-inf - -inf) = NaN), and a row with no score above
+// -inf is 0.
 //
 // Backward: recomputed per segment with torch's fused CPU flash attention (forward for out and
 // logsumexp, then its backward); reads cu_seqlens on the host once.
@@ -21,6 +26,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -32,7 +38,8 @@ namespace nativevit::cpu {
 namespace {
 
 constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 256;
+constexpr int64_t kFirstBlock = 64;  // exact: its max is the reference of the later blocks
+constexpr int64_t kBlockN = 1024;    // lazy: long, so the per-block work is small
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -75,20 +82,20 @@ void varlen_attention_cpu_kernel(const at::Tensor& q, const at::Tensor& k, const
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto [s, t0] = tiles[ti];
       const int64_t start = offsets[s], n = offsets[s + 1] - start, np = round_up(n, 16);
+      const auto width = [&](int64_t j) { return j < n ? head_dim : 0; };  // padded tokens are all zeros
+      const auto row = [&](int64_t j) { return start + std::min(j, n - 1); };
       for (int64_t j = t0; j < t0 + 16; ++j) {
-        const int64_t width = j < n ? head_dim : 0;  // padded tokens are all zeros
-        const int64_t row = start + std::min(j, n - 1);
         for (int64_t h = 0; h < heads; ++h) {
           const int64_t base = pack_off[s] * heads + h * np;
-          const T* qr = qd + row * sq0 + h * sq1;
-          const T* kr = kd + row * sk0 + h * sk1;
-          const T* vr = vd + row * sv0 + h * sv1;
-          T* qdst = qp_all + (base + j) * dk;
-          T* kdst = kp_all + base * dk + k_index<T>(j, 0, dk);  // dim d at kdst[(d / P) * 16 * P + d % P]
-          T* vdst = vp_all + base * dv + v_index<T>(j, 0, dv);  // dim d at vdst[d * P]
-          for (int64_t d = 0; d < dk; ++d) qdst[d] = d < width ? qr[d] : T(0);
-          for (int64_t d = 0; d < dk; ++d) kdst[(d / P) * 16 * P + d % P] = d < width ? kr[d] : T(0);
-          for (int64_t d = 0; d < dv; ++d) vdst[d * P] = d < width ? vr[d] : T(0);
+          pack_q(qd + row(j) * sq0 + h * sq1, width(j), dk, qp_all + (base + j) * dk);
+          pack_k(kd + row(j) * sk0 + h * sk1, width(j), dk, kp_all + base * dk + k_index<T>(j, 0, dk));
+        }
+      }
+      for (int64_t j = t0; j < t0 + 16; j += P) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t base = pack_off[s] * heads + h * np;
+          pack_v(vd + row(j) * sv0 + h * sv1, width(j), vd + row(j + P - 1) * sv0 + h * sv1, width(j + P - 1), dv,
+                 vp_all + base * dv + v_index<T>(j, 0, dv));
         }
       }
     }
@@ -105,15 +112,25 @@ void varlen_attention_cpu_kernel(const at::Tensor& q, const at::Tensor& k, const
     return offsets[a.seg + 1] - offsets[a.seg] > offsets[b.seg + 1] - offsets[b.seg];
   });
 
+  // Key blocks after a row's first take the lazy reference (qk_p in microkernels.h): the exponent's
+  // unit (e for fp32, 2 for bf16, whose exponentials are exp2) and the largest P it may give, 2^16
+  // (O then overflows only for values near 1e33; a NaN or inf P fails lazy_finish). Generic loops and
+  // scale <= 0 (where a max of scores is no max of scaled scores) stay exact.
+  constexpr float kUnit = std::is_same_v<T, float> ? 1.f : 1.44269504088896341f;
+  constexpr float kLazyBound = std::is_same_v<T, float> ? 16.f * 0.693147181f : 16.f;
+  const bool lazy_ok = isa == Isa::kAvx512 && scale > 0.f;
+  const float scale_e = scale * kUnit;
+
   T* od = out.data_ptr<T>();
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_items, 1));
   at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf(kBlockM * kBlockN);
-    std::vector<T> p_buf(kBlockM * kBlockN);
+    std::vector<float> s_buf(kRows * kBlockN);
+    std::vector<T> p_buf(kRows * kBlockN);
     std::vector<float> o_buf(kBlockM * dv);
     std::vector<float> m_buf(kBlockM), l_buf(kBlockM), a_buf(kBlockM);
+    float vmax[kRows * 16], vsum[kRows * 16];
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
         const WorkItem& it = items[i];
@@ -126,23 +143,40 @@ void varlen_attention_cpu_kernel(const at::Tensor& q, const at::Tensor& k, const
         std::fill(o_buf.begin(), o_buf.begin() + rows_pad * dv, 0.f);
         std::fill(m_buf.begin(), m_buf.end(), -std::numeric_limits<float>::infinity());
         std::fill(l_buf.begin(), l_buf.end(), 0.f);
-        for (int64_t k0 = 0; k0 < n; k0 += kBlockN) {
-          const int64_t keys = std::min(kBlockN, n - k0), keys_pad = round_up(keys, 16);
+        for (int64_t k0 = 0, keys = 0; k0 < n; k0 += keys) {
+          keys = std::min(k0 == 0 ? kFirstBlock : kBlockN, n - k0);
+          const int64_t keys_pad = round_up(keys, 16);
           const T* kb = kp + k0 * dk;  // key tiles are contiguous blocks of 16 * dk
           const T* vb = vp + k0 * dv;
-          qk(isa, qp, dk, rows_pad, kb, dk, keys_pad / 16, s_buf.data(), kBlockN);
-          for (int64_t r = 0; r < rows_pad; ++r) {
-            float m_new;
-            const float sum = softmax_row(isa, s_buf.data() + r * kBlockN, keys_pad, keys, scale, m_buf[r],
-                                          p_buf.data() + r * kBlockN, &m_new);
-            // rescale of what was summed against softmax_ref(m_old): 0 on the first block (m_old = -inf)
-            a_buf[r] = std::exp(m_buf[r] - softmax_ref(m_new));
-            l_buf[r] = l_buf[r] * a_buf[r] + sum;
-            m_buf[r] = m_new;
-          }
+          // one row group at a time: its S and P stay in L1 between the microkernels
           for (int64_t r = 0; r < rows_pad; r += kRows) {
-            pv(isa, p_buf.data() + r * kBlockN, kBlockN, vb, dv, keys_pad, o_buf.data() + r * dv, dv,
-               a_buf.data() + r);
+            const T* qr = qp + r * dk;
+            float *m = m_buf.data() + r, *l = l_buf.data() + r, *a = a_buf.data() + r;
+            bool lazy = lazy_ok && k0 > 0 && std::all_of(m, m + kRows, [](float x) { return std::isfinite(x); });
+#if NATIVEVIT_X86
+            if (lazy) {
+              float m_ref[kRows];
+              for (int64_t g = 0; g < kRows; ++g) m_ref[g] = m[g] * kUnit;
+              std::fill(vmax, vmax + kRows * 16, -std::numeric_limits<float>::infinity());
+              std::fill(vsum, vsum + kRows * 16, 0.f);
+              qk_p(qr, dk, kb, dk, keys_pad / 16, keys, scale_e, m_ref, p_buf.data(), kBlockN, vmax, vsum);
+              // past the bound, or a NaN / +inf max (which the exact path turns into the row's NaN): redo
+              lazy = lazy_finish(vmax, vsum, m_ref, scale_e, kLazyBound, l, a);
+            }
+#endif
+            if (!lazy) {  // the row group's first block, or the bound was passed: exact max, then P
+              qk(isa, qr, dk, kRows, kb, dk, keys_pad / 16, s_buf.data(), kBlockN);
+              for (int64_t g = 0; g < kRows; ++g) {
+                float m_new;
+                const float sum = softmax_row(isa, s_buf.data() + g * kBlockN, keys_pad, keys, scale, m[g],
+                                              p_buf.data() + g * kBlockN, &m_new);
+                // rescale of what was summed against softmax_ref(m_old): 0 on the first block (m_old = -inf)
+                a[g] = std::exp(m[g] - softmax_ref(m_new));
+                l[g] = l[g] * a[g] + sum;
+                m[g] = m_new;
+              }
+            }
+            pv(isa, p_buf.data(), kBlockN, vb, dv, keys_pad, o_buf.data() + r * dv, dv, a);
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
