@@ -10,6 +10,9 @@
 //       fp32 accumulators).
 //   cpp_varlen_attention_bwd(grad_out, q, k, v, cu_seqlens, max_seqlen, scale) -> (dq, dk, dv)
 //       the backward, recomputed per segment from q, k, v (reads cu_seqlens on the host).
+//   cpp_bias_quick_gelu_(x, bias) -> ()   (CPU only)
+//       x = g(x + bias) in place, g(v) = v * sigmoid(1.702 v) (QuickGELU), fp32 math: an MLP's first
+//       linear layer after a bias-free matmul, in one pass, when no autograd is recording.
 //   cpu_isa() -> str
 //       which CPU attention microkernels this machine runs ("avx512", "avx512_bf16", "generic").
 //
@@ -45,6 +48,7 @@ TORCH_LIBRARY_FRAGMENT(nativevit, m) {
   m.def(
       "cpp_varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
       "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("cpp_bias_quick_gelu_(Tensor(a!) x, Tensor? bias) -> ()");
   m.def("cpu_isa() -> str", &nativevit::cpu::isa);
 }
 
@@ -52,4 +56,5 @@ TORCH_LIBRARY_IMPL(nativevit, CPU, m) {
   m.impl("cpp_rope2d", &nativevit::cpu::rope2d);
   m.impl("cpp_varlen_attention", &nativevit::cpu::varlen_attention);
   m.impl("cpp_varlen_attention_bwd", &nativevit::cpu::varlen_attention_bwd);
+  m.impl("cpp_bias_quick_gelu_", &nativevit::cpu::bias_quick_gelu_);
 }

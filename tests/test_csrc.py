@@ -21,7 +21,7 @@ from nativevit.backends import cpp
 from nativevit.backends.reference import varlen_attention_ref
 from nativevit.rope import rope_2d_ref
 
-CPP_OPS = ("cpp_rope2d", "cpp_varlen_attention", "cpp_varlen_attention_bwd", "cpu_isa")
+CPP_OPS = ("cpp_rope2d", "cpp_varlen_attention", "cpp_varlen_attention_bwd", "cpp_bias_quick_gelu_", "cpu_isa")
 TRITON_OPS = ("triton_rope2d", "triton_rope2d_", "triton_varlen_attention_fwd", "triton_varlen_attention_bwd")
 
 
@@ -311,6 +311,69 @@ def test_attention_non_positive_scale(scale):
     out = torch.ops.nativevit.cpp_varlen_attention(q, k, v, seg.cu_seqlens, seg.max_seqlen, scale)
     ref64 = varlen_attention_ref(q.double(), k.double(), v.double(), seg, scale)
     check(f"scale {scale}", out, varlen_attention_ref(q, k, v, seg, scale), ref64, 2)
+
+
+# ------------------------------------------------------------------------------ bias + QuickGELU
+
+
+def _quick_gelu64(x, bias):
+    v = x.double() + (0 if bias is None else bias.double())
+    return v * torch.sigmoid(1.702 * v)
+
+
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_quick_gelu_matches_reference(dtype, isa, with_bias, monkeypatch):
+    if isa == "generic":
+        monkeypatch.setenv("NATIVEVIT_CPU_ISA", "generic")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 5123, generator=g) * 4).to(dtype)  # 5123: a 3-column tail after 16-wide vectors
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -100.0, 100.0, 0.0]).to(dtype)
+    bias = torch.randn(5123, generator=g).to(dtype) if with_bias else None
+    y = x.clone()
+    assert torch.ops.nativevit.cpp_bias_quick_gelu_(y, bias) is None  # in place
+    want = _quick_gelu64(x, bias)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf())
+    finite = want.isfinite()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double()[finite], want[finite], rtol=2e-6, atol=1e-6)
+    else:  # one rounding of the fp32 value: at most one bf16 ulp from the rounded exact value
+        torch.testing.assert_close(y.double()[finite], want.to(dtype).double()[finite], rtol=2**-7, atol=1e-6)
+
+
+def test_bias_quick_gelu_bad_input():
+    f = torch.ops.nativevit.cpp_bias_quick_gelu_
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        f(x.half(), None)
+    with pytest.raises(RuntimeError, match="2-D .* contiguous"):
+        f(torch.randn(8, 4).t(), None)
+    with pytest.raises(RuntimeError, match="2-D"):
+        f(torch.randn(2, 4, 8), None)
+    with pytest.raises(RuntimeError, match="bias must be 1-D of 8 features"):
+        f(x, torch.randn(7))
+    f(torch.empty(0, 8), torch.randn(8))  # nothing to do
+    torch.library.opcheck(f.default, (torch.randn(5, 19), torch.randn(19)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_fuses_bias_and_quick_gelu_without_autograd(dtype):
+    """Qwen2-VL's MLP under no_grad takes mm + cpp_bias_quick_gelu_ (checked in the profiler) and gives
+    what the autograd path (addmm + torch's QuickGELU) gives, to one rounding of the activation."""
+    from nativevit.model import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(dim=48, hidden_dim=200, act="quick_gelu").to(dtype)
+    x = torch.randn(2, 33, 48).to(dtype)  # a leading batch dimension (the padded layout's)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fused = mlp(x)
+    assert "nativevit::cpp_bias_quick_gelu_" in {e.name for e in prof.events()}
+    plain = mlp(x.requires_grad_()).detach()
+    ref = mlp.double()(x.detach().double()).detach()
+    assert fused.shape == plain.shape == (2, 33, 48)
+    # no worse than torch's own path in this dtype against float64
+    assert (fused.double() - ref).abs().max() <= 2 * (plain.double() - ref).abs().max() + 1e-6
 
 
 # ------------------------------------------------------------------------------- opcheck, model

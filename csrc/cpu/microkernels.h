@@ -11,9 +11,7 @@
 // and, AVX-512 only, qk_p: Q K^T and P = exp(S - a given reference) in one pass (lazy_finish checks it).
 // Packing one (token, head) row into those layouts: pack_q, pack_k, pack_v.
 //
-// ISA: the library is compiled for baseline x86-64; the AVX-512 (fp32) and AVX-512-BF16 (bf16)
-// microkernels carry `target` attributes and are picked at run time from CPUID (pick_isa), so one
-// build runs on any x86-64 CPU. NATIVEVIT_CPU_ISA=generic forces the portable loops.
+// ISA: the AVX-512 (fp32) and AVX-512-BF16 (bf16) microkernels are picked at run time (simd.h).
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -30,10 +28,7 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define NATIVEVIT_X86 1
-#endif
+#include "simd.h"
 
 namespace nativevit::cpu {
 
@@ -42,47 +37,6 @@ constexpr int64_t kRows = 4;  // query rows per microkernel call
 // The reference the exponentials of a row are taken against: its running max, or 0 while that is
 // -inf (every score so far -inf: weights exp(-inf) = 0, where exp(-inf - -inf) would be NaN).
 inline float softmax_ref(float m) { return m == -std::numeric_limits<float>::infinity() ? 0.f : m; }
-
-enum class Isa { kGeneric, kAvx512 };
-
-inline bool cpu_has_avx512() {
-#if NATIVEVIT_X86
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-inline bool cpu_has_avx512_bf16() {
-#if NATIVEVIT_X86
-  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-inline bool generic_forced() {
-  const char* env = std::getenv("NATIVEVIT_CPU_ISA");
-  return env != nullptr && std::string(env) == "generic";
-}
-
-// The microkernels for one dtype: AVX-512 when this CPU has it (AVX-512-BF16 for bf16), else generic.
-inline Isa pick_isa(c10::ScalarType dtype) {
-  if (generic_forced()) return Isa::kGeneric;
-  if (dtype == c10::kBFloat16) return cpu_has_avx512_bf16() ? Isa::kAvx512 : Isa::kGeneric;
-  return cpu_has_avx512() ? Isa::kAvx512 : Isa::kGeneric;
-}
-
-// What cpu_isa() reports: "avx512_bf16", "avx512" or "generic".
-inline std::string isa_name() {
-  if (generic_forced()) return "generic";
-  if (cpu_has_avx512_bf16()) return "avx512_bf16";
-  if (cpu_has_avx512()) return "avx512";
-  return "generic";
-}
 
 // Element traits: fp32 works on single values, bf16 on pairs along the reduced dimension.
 template <typename T>
@@ -175,15 +129,7 @@ void pv_generic(const T* p, int64_t ldp, const T* vp, int64_t dv, int64_t keys, 
 }
 
 #if NATIVEVIT_X86
-// GCC 12's AVX-512 intrinsics pass _mm512_undefined_ps() as the unused source of masked forms
-// (vrndscaleps, vscalefps, the reductions) and then warn that it "is used uninitialized".
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#define NV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define NV_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+NV_SIMD_WARNINGS_OFF
 
 // ---- AVX-512 fp32 microkernels: kRows x (C x 16) register tiles
 
@@ -300,26 +246,6 @@ NV_AVX512_BF16 void pv_bf16_avx512(const c10::BFloat16* p, int64_t ldp, const c1
   for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 5
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + r * ldo + c * 16, acc[r][c]);
-}
-
-// exp(x) for x <= ~88: Cephes-style range reduction x = n ln2 + r, degree-6 polynomial on
-// |r| <= ln2/2 (about 1 ulp), 2^n applied with vscalefps so large negative x flush to 0 (exactly 0
-// for x <= -104, -inf included). exp(NaN) is NaN: vmaxps returns its second operand when either is
-// NaN, so x goes second (the other order turned a NaN score into weight 0: a NaN key was dropped).
-NV_AVX512 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-  return _mm512_scalef_ps(_mm512_add_ps(p, _mm512_set1_ps(1.f)), n);
 }
 
 // 2^t for the bf16 probabilities, which keep 8 bits: t = n + f with |f| <= 1/2, 2^f by a degree-3
@@ -471,9 +397,7 @@ NV_AVX512 inline bool lazy_finish(const float* vmax, const float* vsum, const fl
   }
   return true;
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+NV_SIMD_WARNINGS_ON
 #endif  // NATIVEVIT_X86
 
 template <typename T>

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -22,6 +23,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(const at::Te
                                                                     const at::Tensor& k, const at::Tensor& v,
                                                                     const at::Tensor& cu_seqlens,
                                                                     int64_t max_seqlen, double scale);
+
+// cpp_bias_quick_gelu_: x = g(x + bias) in place, g(v) = v * sigmoid(1.702 v), fp32 math; x (rows, features)
+// contiguous float32 or bfloat16, bias (features) or None.
+void bias_quick_gelu_(at::Tensor& x, const std::optional<at::Tensor>& bias);
 
 // cpu_isa: the attention microkernels this machine runs ("avx512_bf16", "avx512" or "generic").
 std::string isa();

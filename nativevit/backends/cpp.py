@@ -6,6 +6,8 @@ registers the CUDA ones. This module adds what torch needs around them -- fake (
 implementations for ``torch.compile`` and ``opcheck``, and autograd:
 
 * ``nativevit::cpp_rope2d``: the backward is the inverse rotation, the same kernel with ``inverse=True``.
+* ``nativevit::cpp_bias_quick_gelu_``: in place, no autograd (``nativevit.model.Mlp`` calls it only
+  when none records).
 * ``nativevit::cpp_varlen_attention``: the backward is ``nativevit::cpp_varlen_attention_bwd``, a
   recompute per segment from q, k, v: on CPU torch's fused flash-attention forward + backward, on
   CUDA ATen matmuls in fp32 (exact, not fused; query-chunked so the score tile stays bounded). It
@@ -102,6 +104,10 @@ if is_built():
     @torch.library.register_fake("nativevit::cpp_varlen_attention_bwd")
     def _varlen_attention_bwd_fake(grad_out, q, k, v, cu_seqlens, max_seqlen, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("nativevit::cpp_bias_quick_gelu_")
+    def _bias_quick_gelu_fake(x, bias):  # in place; the model calls it only without autograd
+        return None
 
     def _varlen_attention_setup_context(ctx, inputs, output):
         q, k, v, cu_seqlens, max_seqlen, scale = inputs
