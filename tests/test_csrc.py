@@ -21,7 +21,13 @@ from nativevit.backends import cpp
 from nativevit.backends.reference import varlen_attention_ref
 from nativevit.rope import rope_2d_ref
 
-CPP_OPS = ("cpp_rope2d", "cpp_varlen_attention", "cpp_varlen_attention_bwd", "cpp_bias_quick_gelu_", "cpu_isa")
+CPP_OPS = (
+    "cpp_rope2d",
+    "cpp_varlen_attention",
+    "cpp_varlen_attention_bwd",
+    "cpp_bias_quick_gelu_",
+    "cpu_isa",
+)
 TRITON_OPS = ("triton_rope2d", "triton_rope2d_", "triton_varlen_attention_fwd", "triton_varlen_attention_bwd")
 
 
