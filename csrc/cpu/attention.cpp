@@ -166,7 +166,7 @@ void varlen_attention_cpu_kernel(const at::Tensor& q, const at::Tensor& k, const
               std::fill(vmax, vmax + kRows * 16, -std::numeric_limits<float>::infinity());
               std::fill(vsum, vsum + kRows * 16, 0.f);
               qk_p(qr, dk, kb, dk, keys_pad / 16, keys, scale_e, m_ref, p_buf.data(), kBlockN, vmax, vsum);
-              // past the bound, or a NaN / +inf max (which the exact path turns into the row's NaN): redo
+              // past the bound, or a sum that is not finite (NaN, +inf, a -inf score): redo it exactly
               lazy = lazy_finish(vmax, vsum, m_ref, scale_e, kLazyBound, l, a);
             }
 #endif
