@@ -63,18 +63,12 @@ void varlen_attention_cpu_kernel(const at::Tensor& q, const at::Tensor& k, const
     pack_off[s + 1] = pack_off[s] + np;
     for (int64_t t = 0; t < np; t += 16) tiles.emplace_back(s, t);
   }
-  // One buffer per calling thread, grown to the largest batch it has packed and kept: a fresh
-  // allocation of this size is a fresh mmap, and its page faults were ~10% of a bf16 call on 16
-  // segments of 1024 tokens (perf). Every element used is written by the packing below.
-  thread_local std::vector<T> pack_cache;
-  const int64_t q_elems = pack_off.back() * heads * dk, v_elems = pack_off.back() * heads * dv;
-  if (static_cast<int64_t>(pack_cache.size()) < 2 * q_elems + v_elems) {
-    pack_cache = std::vector<T>();  // free the old one first
-    pack_cache.resize(2 * q_elems + v_elems);
-  }
-  T* qp_all = pack_cache.data();
-  T* kp_all = qp_all + q_elems;
-  T* vp_all = kp_all + q_elems;
+  at::Tensor q_pack = at::empty({pack_off.back() * heads * dk}, q.options());
+  at::Tensor k_pack = at::empty({pack_off.back() * heads * dk}, q.options());
+  at::Tensor v_pack = at::empty({pack_off.back() * heads * dv}, q.options());
+  T* qp_all = q_pack.data_ptr<T>();
+  T* kp_all = k_pack.data_ptr<T>();
+  T* vp_all = v_pack.data_ptr<T>();
   const T* qd = q.const_data_ptr<T>();
   const T* kd = k.const_data_ptr<T>();
   const T* vd = v.const_data_ptr<T>();
