@@ -68,6 +68,15 @@ GLM4V_PROCESSOR: dict[str, Any] = dict(
 # Where the Qwen releases key their tower: ``visual.`` (Qwen2-VL, Qwen2.5-VL in transformers < 4.52),
 # ``model.visual.`` (later saves, Qwen3-VL).
 _QWEN_PREFIXES = ("visual.", "model.visual.")
+# Qwen3-VL's image processor (16 px patches, factor 32, mean = std = 0.5), which Qwen3.5 reuses
+_QWEN3_PROCESSOR = dict(
+    min_pixels=65536,
+    max_pixels=16777216,
+    patch_size=16,
+    image_mean=(0.5, 0.5, 0.5),
+    image_std=(0.5, 0.5, 0.5),
+    pixel_cap=16777216,
+)
 
 
 @dataclass(frozen=True)
@@ -330,14 +339,7 @@ FAMILIES: dict[str, Family] = {
             architecture="Qwen3VLForConditionalGeneration",
             key_prefix="model.visual.",
             read_prefixes=_QWEN_PREFIXES,
-            processor=dict(
-                min_pixels=65536,
-                max_pixels=16777216,
-                patch_size=16,
-                image_mean=(0.5, 0.5, 0.5),
-                image_std=(0.5, 0.5, 0.5),
-                pixel_cap=16777216,
-            ),
+            processor=_QWEN3_PROCESSOR,
         ),
         # Pixtral (Mistral 3, and Pixtral-12B as a LLaVA): RMSNorm (eps 1e-5) after a bias-free Conv2d
         # patch embedding, no position table, 2D RoPE with the 1D frequencies alternating between rows
@@ -620,14 +622,7 @@ FAMILIES: dict[str, Family] = {
             architecture="Qwen3_5ForConditionalGeneration",
             key_prefix="model.visual.",
             read_prefixes=_QWEN_PREFIXES,
-            processor=dict(
-                min_pixels=65536,
-                max_pixels=16777216,
-                patch_size=16,
-                image_mean=(0.5, 0.5, 0.5),
-                image_std=(0.5, 0.5, 0.5),
-                pixel_cap=16777216,
-            ),
+            processor=_QWEN3_PROCESSOR,
         ),
         # GLM-4.1V, GLM-4.5V (glm4v_moe) and GLM-4.6V (glm46v): Conv3d patch embedding with a bias, RMSNorm
         # after it, a learned 24x24 table resampled bicubically (grid_sample, pixel centres, border) to each

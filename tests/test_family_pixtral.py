@@ -175,19 +175,23 @@ def test_rope_tables_equal_transformers():
 # ----------------------------------------------------------------------------- swap
 
 
+# the language model of both VLMs: one small Mistral decoder layer
+TINY_MISTRAL = dict(
+    model_type="mistral",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=100,
+)
+
+
 def mistral3_model(vision_feature_layer=-1, seed: int = 0) -> T.Mistral3ForConditionalGeneration:
     cfg = T.Mistral3Config(
         vision_config=hf_pixtral_config().to_dict(),
-        text_config=dict(
-            model_type="mistral",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=100,
-        ),
+        text_config=dict(TINY_MISTRAL),
         image_token_index=10,
         spatial_merge_size=2,
         vision_feature_layer=vision_feature_layer,
@@ -199,16 +203,7 @@ def mistral3_model(vision_feature_layer=-1, seed: int = 0) -> T.Mistral3ForCondi
 def llava_pixtral_model(vision_feature_layer=-1, seed: int = 0) -> T.LlavaForConditionalGeneration:
     cfg = T.LlavaConfig(
         vision_config=hf_pixtral_config().to_dict(),
-        text_config=dict(
-            model_type="mistral",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=100,
-        ),
+        text_config=dict(TINY_MISTRAL),
         image_token_index=10,
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="full",

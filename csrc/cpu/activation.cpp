@@ -35,32 +35,27 @@ NV_AVX512 inline __m512 quick_gelu_avx512(__m512 v) {
   return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
 
-NV_AVX512 void rows_f32_avx512(float* x, const float* bias, int64_t rows, int64_t cols) {
+template <typename T>
+NV_AVX512_BF16 void rows_avx512(T* x, const float* bias, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
-    float* xr = x + r * cols;
+    T* xr = x + r * cols;
     for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 m = cols - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (cols - c)) - 1);
-      const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + c), _mm512_maskz_loadu_ps(m, bias + c));
-      _mm512_mask_storeu_ps(xr + c, m, quick_gelu_avx512(v));
-    }
-  }
-}
-
-NV_AVX512_BF16 void rows_bf16_avx512(c10::BFloat16* x, const float* bias, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    c10::BFloat16* xr = x + r * cols;
-    for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 m = cols - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (cols - c)) - 1);
-      const __m256i h = _mm256_maskz_loadu_epi16(m, xr + c);
-      const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)),
-                                     _mm512_maskz_loadu_ps(m, bias + c));
-      _mm256_mask_storeu_epi16(xr + c, m, (__m256i)_mm512_cvtneps_pbh(quick_gelu_avx512(v)));
+      const __mmask16 m = tail_mask(cols - c);
+      store16(xr + c, m, quick_gelu_avx512(_mm512_add_ps(load16(xr + c, m), _mm512_maskz_loadu_ps(m, bias + c))));
     }
   }
 }
 
 NV_SIMD_WARNINGS_ON
 #endif  // NATIVEVIT_X86
+
+template <typename T>
+void rows_any(Isa isa, T* x, const float* bias, int64_t rows, int64_t cols) {
+#if NATIVEVIT_X86
+  if (isa == Isa::kAvx512) return rows_avx512(x, bias, rows, cols);
+#endif
+  rows_generic(x, bias, rows, cols);
+}
 
 }  // namespace
 
@@ -86,17 +81,9 @@ void bias_quick_gelu_(at::Tensor& x, const std::optional<at::Tensor>& bias) {
   const int64_t grain = std::max<int64_t>(1, 32768 / cols);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     if (x.scalar_type() == at::kFloat) {
-      float* xp = x.data_ptr<float>() + begin * cols;
-#if NATIVEVIT_X86
-      if (isa == Isa::kAvx512) return rows_f32_avx512(xp, bp, end - begin, cols);
-#endif
-      rows_generic(xp, bp, end - begin, cols);
+      rows_any(isa, x.data_ptr<float>() + begin * cols, bp, end - begin, cols);
     } else {
-      c10::BFloat16* xp = x.data_ptr<c10::BFloat16>() + begin * cols;
-#if NATIVEVIT_X86
-      if (isa == Isa::kAvx512) return rows_bf16_avx512(xp, bp, end - begin, cols);
-#endif
-      rows_generic(xp, bp, end - begin, cols);
+      rows_any(isa, x.data_ptr<c10::BFloat16>() + begin * cols, bp, end - begin, cols);
     }
   });
 }

@@ -112,12 +112,12 @@ void varlen_attention_cpu_kernel(const at::Tensor& q, const at::Tensor& k, const
     return offsets[a.seg + 1] - offsets[a.seg] > offsets[b.seg + 1] - offsets[b.seg];
   });
 
-  // Key blocks after a row's first take the lazy reference (qk_p in microkernels.h): the exponent's
-  // unit (e for fp32, 2 for bf16, whose exponentials are exp2) and the largest P it may give, 2^16
-  // (O then overflows only for values near 1e33; a NaN or inf P fails lazy_finish). Generic loops and
-  // scale <= 0 (where a max of scores is no max of scaled scores) stay exact.
-  constexpr float kUnit = std::is_same_v<T, float> ? 1.f : 1.44269504088896341f;
-  constexpr float kLazyBound = std::is_same_v<T, float> ? 16.f * 0.693147181f : 16.f;
+  // Key blocks after a row's first take the lazy reference (qk_p in microkernels.h), in the unit of
+  // P's exponentials (kExpUnit), up to P = 2^16 (O then overflows only for values near 1e33; a NaN or
+  // inf P fails lazy_finish). Generic loops and scale <= 0 (where a max of scores is no max of scaled
+  // scores) stay exact.
+  constexpr float kUnit = kExpUnit<T>;
+  constexpr float kLazyBound = std::is_same_v<T, float> ? 16.f * 0.693147181f : 16.f;  // log of 2^16
   const bool lazy_ok = isa == Isa::kAvx512 && scale > 0.f;
   const float scale_e = scale * kUnit;
 

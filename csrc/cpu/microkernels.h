@@ -38,6 +38,11 @@ constexpr int64_t kRows = 4;  // query rows per microkernel call
 // -inf (every score so far -inf: weights exp(-inf) = 0, where exp(-inf - -inf) would be NaN).
 inline float softmax_ref(float m) { return m == -std::numeric_limits<float>::infinity() ? 0.f : m; }
 
+// The unit of the exponentials of P: e for fp32 (exp_avx512), 2 for bf16 (exp2_bf16_avx512), whose
+// scores and references are multiplied by log2(e).
+template <typename T>
+constexpr float kExpUnit = std::is_same_v<T, float> ? 1.f : 1.44269504088896341f;
+
 // Element traits: fp32 works on single values, bf16 on pairs along the reduced dimension.
 template <typename T>
 struct Elem;
@@ -263,10 +268,6 @@ NV_AVX512 inline __m512 exp2_bf16_avx512(__m512 t) {
   return _mm512_scalef_ps(p, n);
 }
 
-NV_AVX512 inline __mmask16 valid_mask(int64_t valid, int64_t j) {
-  return valid - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(valid - j, 0)) - 1);
-}
-
 // p[j:j+16] = exp(s * scale - m) in the P dtype (0 where masked); returns what was stored, as fp32.
 // For bf16 P, vscale and vm come multiplied by log2(e) and the exponential is exp2_bf16_avx512.
 template <typename T>
@@ -282,7 +283,7 @@ NV_AVX512_BF16 inline __m512 exp_store(const float* s, T* p, __m512 vscale, __m5
     const __m256bh h = _mm512_cvtneps_pbh(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)h);
     // sum what P V will actually weigh with: the bf16-rounded probabilities
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+    return bf16_to_f32((__m256i)h);
   }
 }
 
@@ -298,24 +299,22 @@ NV_AVX512_BF16 float softmax_row_avx512(const float* s, int64_t width, int64_t v
   __m512 vmax0 = neg_inf, vmax1 = neg_inf;
   int64_t j = 0;
   for (; j + 32 <= width; j += 32) {
-    vmax0 = _mm512_mask_max_ps(vmax0, valid_mask(valid, j), vmax0, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
-    vmax1 = _mm512_mask_max_ps(vmax1, valid_mask(valid, j + 16), vmax1,
+    vmax0 = _mm512_mask_max_ps(vmax0, tail_mask(valid - j), vmax0, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+    vmax1 = _mm512_mask_max_ps(vmax1, tail_mask(valid - (j + 16)), vmax1,
                                _mm512_mul_ps(_mm512_loadu_ps(s + j + 16), vscale));
   }
   if (j < width) {
-    vmax0 = _mm512_mask_max_ps(vmax0, valid_mask(valid, j), vmax0, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+    vmax0 = _mm512_mask_max_ps(vmax0, tail_mask(valid - j), vmax0, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
   }
   const float m_new = std::max(m_old, _mm512_reduce_max_ps(_mm512_max_ps(vmax0, vmax1)));
-  // bf16: exponentials in base 2 (exp2_bf16_avx512), the scale and the reference times log2(e)
-  constexpr float kUnit = std::is_same_v<T, float> ? 1.f : 1.44269504088896341f;
-  const __m512 vm = _mm512_set1_ps(softmax_ref(m_new) * kUnit);
-  const __m512 vscale_e = _mm512_set1_ps(scale * kUnit);
+  const __m512 vm = _mm512_set1_ps(softmax_ref(m_new) * kExpUnit<T>);
+  const __m512 vscale_e = _mm512_set1_ps(scale * kExpUnit<T>);
   __m512 vsum0 = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
   for (j = 0; j + 32 <= width; j += 32) {
-    vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale_e, vm, valid_mask(valid, j)));
-    vsum1 = _mm512_add_ps(vsum1, exp_store(s + j + 16, p + j + 16, vscale_e, vm, valid_mask(valid, j + 16)));
+    vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale_e, vm, tail_mask(valid - j)));
+    vsum1 = _mm512_add_ps(vsum1, exp_store(s + j + 16, p + j + 16, vscale_e, vm, tail_mask(valid - (j + 16))));
   }
-  if (j < width) vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale_e, vm, valid_mask(valid, j)));
+  if (j < width) vsum0 = _mm512_add_ps(vsum0, exp_store(s + j, p + j, vscale_e, vm, tail_mask(valid - j)));
   *m_new_out = m_new;
   return _mm512_reduce_add_ps(_mm512_add_ps(vsum0, vsum1));
 }
@@ -492,7 +491,7 @@ void qk_p(const T* q, int64_t ldq, const T* kp, int64_t dk, int64_t key_tiles, i
           const float* m_ref, T* p, int64_t ldp, float* vmax, float* vsum) {
   for (int64_t t = 0; t < key_tiles; t += 4) {
     const int cols = static_cast<int>(std::min<int64_t>(4, key_tiles - t));
-    const __mmask16 last = t + cols == key_tiles ? valid_mask(valid, (key_tiles - 1) * 16) : __mmask16(0xFFFF);
+    const __mmask16 last = t + cols == key_tiles ? tail_mask(valid - (key_tiles - 1) * 16) : __mmask16(0xFFFF);
     call_cols<QkP<T>::template Cols>(cols, q, ldq, kp + t * 16 * dk, dk, scale_e, m_ref, last, p + t * 16, ldp, vmax,
                                      vsum);
   }

@@ -39,24 +39,6 @@ void rope_rows(const scalar_t* __restrict__ x, int64_t stride_tok, int64_t strid
 #if NATIVEVIT_X86
 NV_SIMD_WARNINGS_OFF
 
-// 16 values of a float32 or bfloat16 row at x (the first popcount(m)), as fp32, and back.
-template <typename scalar_t>
-NV_AVX512_BF16 inline __m512 load16(const scalar_t* x, __mmask16 m) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return _mm512_maskz_loadu_ps(m, x);
-  } else {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x)), 16));
-  }
-}
-template <typename scalar_t>
-NV_AVX512_BF16 inline void store16(scalar_t* y, __mmask16 m, __m512 v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    _mm512_mask_storeu_ps(y, m, v);
-  } else {
-    _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even, as c10's
-  }
-}
-
 // rope_rows with 16 pairs (i, i + half) per step; the same fp32 math (fma: one rounding fewer).
 template <typename scalar_t>
 NV_AVX512_BF16 void rope_rows_avx512(const scalar_t* __restrict__ x, int64_t stride_tok, int64_t stride_head,
@@ -66,7 +48,7 @@ NV_AVX512_BF16 void rope_rows_avx512(const scalar_t* __restrict__ x, int64_t str
   const __m512 vsign = _mm512_set1_ps(sign);
   for (int64_t t = tok_begin; t < tok_end; ++t) {
     for (int64_t i = 0; i < half; i += 16) {
-      const __mmask16 m = half - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (half - i)) - 1);
+      const __mmask16 m = tail_mask(half - i);
       const __m512 c = _mm512_maskz_loadu_ps(m, cos + t * half + i);
       const __m512 s = _mm512_mul_ps(vsign, _mm512_maskz_loadu_ps(m, sin + t * half + i));
       for (int64_t h = 0; h < heads; ++h) {
@@ -83,15 +65,14 @@ NV_AVX512_BF16 void rope_rows_avx512(const scalar_t* __restrict__ x, int64_t str
 NV_SIMD_WARNINGS_ON
 #endif  // NATIVEVIT_X86
 
-// float32 and bfloat16 (on a CPU with AVX-512-BF16 for the latter) take the AVX-512 rows.
+// The AVX-512 rows where `simd` (float32 and bfloat16 on a CPU with AVX-512-BF16), else the portable loop.
 template <typename scalar_t>
-void rope_rows_any(const scalar_t* x, int64_t stride_tok, int64_t stride_head, scalar_t* y, const float* cos,
-                   const float* sin, int64_t tok_begin, int64_t tok_end, int64_t heads, int64_t half, float sign) {
+void rope_rows_any(bool simd, const scalar_t* x, int64_t stride_tok, int64_t stride_head, scalar_t* y,
+                   const float* cos, const float* sin, int64_t tok_begin, int64_t tok_end, int64_t heads,
+                   int64_t half, float sign) {
 #if NATIVEVIT_X86
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (pick_isa(c10::CppTypeToScalarType<scalar_t>::value) == Isa::kAvx512 && cpu_has_avx512_bf16()) {
-      return rope_rows_avx512(x, stride_tok, stride_head, y, cos, sin, tok_begin, tok_end, heads, half, sign);
-    }
+    if (simd) return rope_rows_avx512(x, stride_tok, stride_head, y, cos, sin, tok_begin, tok_end, heads, half, sign);
   }
 #endif
   rope_rows(x, stride_tok, stride_head, y, cos, sin, tok_begin, tok_end, heads, half, sign);
@@ -111,6 +92,10 @@ std::tuple<at::Tensor, at::Tensor> rope2d(const at::Tensor& q, const at::Tensor&
   if (total == 0 || half == 0) return {q_out, k_out};
   // ~32k elements per task: big enough to amortise the fork, small enough to split a batch.
   const int64_t grain = std::max<int64_t>(1, 32768 / ((q.size(1) + k.size(1)) * 2 * half + 1));
+  // decided once per call, not per chunk of tokens (pick_isa reads the environment)
+  const at::ScalarType dtype = q.scalar_type();
+  const bool simd = (dtype == at::kFloat || dtype == at::kBFloat16) && pick_isa(dtype) == Isa::kAvx512 &&
+                    cpu_has_avx512_bf16();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cpp_rope2d", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     const scalar_t* kp = k.const_data_ptr<scalar_t>();
@@ -119,8 +104,8 @@ std::tuple<at::Tensor, at::Tensor> rope2d(const at::Tensor& q, const at::Tensor&
     const float* c = cos.const_data_ptr<float>();
     const float* s = sin.const_data_ptr<float>();
     at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-      rope_rows_any(qp, q.stride(0), q.stride(1), qo, c, s, begin, end, q.size(1), half, sign);
-      rope_rows_any(kp, k.stride(0), k.stride(1), ko, c, s, begin, end, k.size(1), half, sign);
+      rope_rows_any(simd, qp, q.stride(0), q.stride(1), qo, c, s, begin, end, q.size(1), half, sign);
+      rope_rows_any(simd, kp, k.stride(0), k.stride(1), ko, c, s, begin, end, k.size(1), half, sign);
     });
   });
   return {q_out, k_out};

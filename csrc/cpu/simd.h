@@ -6,9 +6,13 @@
 #pragma once
 
 #include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -95,6 +99,35 @@ NV_AVX512 inline __m512 exp_avx512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
   return _mm512_scalef_ps(_mm512_add_ps(p, _mm512_set1_ps(1.f)), n);
+}
+
+// The first n lanes (none for n <= 0, all 16 for n >= 16): masks for the tail of a row.
+NV_AVX512 inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(n, 0)) - 1);
+}
+
+// 16 bfloat16 as fp32 (exact: bf16 is fp32's upper half).
+NV_AVX512 inline __m512 bf16_to_f32(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The lanes of m of 16 float32 or bfloat16 values at x, as fp32 (0 elsewhere), and back (bf16 rounded
+// to nearest even, as c10::BFloat16 does).
+template <typename T>
+NV_AVX512_BF16 inline __m512 load16(const T* x, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, x);
+  } else {
+    return bf16_to_f32(_mm256_maskz_loadu_epi16(m, x));
+  }
+}
+template <typename T>
+NV_AVX512_BF16 inline void store16(T* y, __mmask16 m, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(y, m, v);
+  } else {
+    _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v));
+  }
 }
 
 NV_SIMD_WARNINGS_ON
